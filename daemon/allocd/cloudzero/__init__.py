@@ -1,0 +1,1 @@
+"""Both sides of the CloudZero allocation telemetry API: the shared record rules, the client, the emulator."""

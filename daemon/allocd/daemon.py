@@ -1,0 +1,139 @@
+"""`allocd run`: build the parts from the settings, serve metrics and health, run the pipeline, and exit 0
+within `shutdown_timeout` on SIGTERM/SIGINT (a second signal exits at once)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from allocd.cloudzero.apikey import ApiKey
+from allocd.cloudzero.client import ClientConfig, CloudZeroClient
+from allocd.config import Settings, load_settings
+from allocd.events import Decoder, DecoderConfig
+from allocd.journal import Journal
+from allocd.logs import configure_logging, register_secret
+from allocd.observability import Health, Metrics, bound_port, start_http_server
+from allocd.pipeline import Pipeline
+from allocd.sources.base import Source
+from allocd.sources.kafka import (
+    KafkaDeadLetters,
+    KafkaJournalStore,
+    KafkaSource,
+    ensure_topics,
+    make_producer,
+)
+
+__all__ = ["add_arguments", "run", "run_command"]
+
+log = logging.getLogger("allocd.daemon")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="TOML config file (else $ALLOCD_CONFIG; env ALLOCD_* wins)")
+    parser.add_argument("--port-file", help="write the metrics/health port here once listening (tests)")
+
+
+async def run_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    configure_logging(settings.server.log_level)
+    return await run(settings, port_file=args.port_file)
+
+
+def make_key(settings: Settings) -> ApiKey:
+    api = settings.api
+    return ApiKey.from_file(api.api_key_file) if api.api_key_file else ApiKey.from_env(api.api_key_env)
+
+
+def make_client(settings: Settings, key: ApiKey, metrics: Metrics) -> CloudZeroClient:
+    api = settings.api
+    config = ClientConfig(
+        base_url=api.base_url,
+        records_per_request=api.records_per_request,
+        records_per_second=api.records_per_second,
+        burst=api.burst or None,
+        request_timeout=api.request_timeout,
+        retry_deadline=api.retry_deadline,
+    )
+    return CloudZeroClient(config, key, observer=metrics)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT: a clean shutdown. Second: exit at once (the operator insists)."""
+    loop = asyncio.get_running_loop()
+
+    def handle(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting at once", extra={"signal": signum})
+            os._exit(128 + signum)
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+
+
+async def _lag_loop(source: Source, pipeline: Pipeline, metrics: Metrics, every: float = 15.0) -> None:
+    """End offsets for the lag gauges, best effort (the broker may under-report; metrics only)."""
+    while True:
+        tps = list(pipeline.parts)
+        if tps:
+            for (topic, part), end in (await source.end_offsets(tps)).items():
+                metrics.set_partition(topic, part, end=end)
+        await asyncio.sleep(every)
+
+
+async def run(settings: Settings, *, port_file: str | None = None, stop: asyncio.Event | None = None) -> int:
+    stop = stop or asyncio.Event()
+    install_signal_handlers(stop)
+    key = make_key(settings)
+    register_secret(key.get())
+    decoder = Decoder(DecoderConfig.from_dict(settings.events, prefix="events."))
+    metrics = Metrics()
+    health = Health(
+        liveness_timeout=settings.server.liveness_timeout_seconds,
+        startup_grace=settings.server.assignment_grace_seconds,
+        conditions=("assigned",),
+    )
+    health.set_condition("api_key", True, "")
+    runner = await start_http_server(metrics, health, settings.server.host, settings.server.port)
+    if port_file:
+        with open(port_file + ".tmp", "w") as fh:
+            fh.write(str(bound_port(runner)))
+        os.replace(port_file + ".tmp", port_file)
+    k = settings.kafka
+    if k.create_topics:
+        await ensure_topics(k, {k.checkpoint_topic: 1, k.dlq_topic: 1})
+    producer = make_producer(k)
+    await producer.start()
+    client = make_client(settings, key, metrics)
+    source = KafkaSource(k)
+    pipeline = Pipeline(
+        settings.pipeline,
+        source,
+        decoder,
+        client,
+        Journal(KafkaJournalStore(k, producer)),
+        KafkaDeadLetters(k.dlq_topic, producer),
+        metrics,
+        health,
+        on_auth_failure=key.reload,
+    )
+    lag = asyncio.create_task(_lag_loop(source, pipeline, metrics))
+    started = time.monotonic()
+    try:
+        log.info("allocd running", extra={"topics": list(k.topics), "group": k.group_id})
+        await pipeline.run(stop)
+    finally:
+        lag.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await lag
+        await client.close()
+        await producer.stop()
+        await runner.cleanup()
+        log.info("allocd stopped", extra={"seconds": round(time.monotonic() - started, 3)})
+    return 0

@@ -1,0 +1,1 @@
+"""Where events come from: Kafka, the sidecar's HTTP spool, NDJSON files."""

@@ -1,0 +1,70 @@
+"""The one interface every source implements (Kafka, the sidecar's spool, NDJSON files)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from allocd.windows import TP
+
+__all__ = ["AssignmentListener", "DeadLetters", "LostOwnership", "Message", "Source"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One raw event with its position: the offset travels with the data (STYLE.md, arroyo)."""
+
+    tp: TP
+    offset: int
+    timestamp_ms: int  # the source's record timestamp (arrival): lateness is judged against it
+    value: bytes
+
+
+class LostOwnership(Exception):
+    """The source no longer owns a partition (failed commit, generation error): stop sending at once."""
+
+
+class AssignmentListener(Protocol):
+    async def on_revoked(self, tps: list[TP]) -> None:
+        """Release `tps` before the rebalance proceeds: finish or journal the request in flight."""
+
+    async def on_assigned(self, tps: list[TP]) -> None:
+        """Recover `tps` from the journal and seek each to its checkpointed position."""
+
+
+class Source(Protocol):
+    name: str
+
+    async def start(self, listener: AssignmentListener) -> None: ...
+
+    async def fetch(self, timeout: float) -> list[Message]:
+        """Messages from the assigned, unpaused partitions; empty after `timeout` seconds."""
+
+    def pause(self) -> None:
+        """Stop returning messages (still polled, so group membership stays alive)."""
+
+    def resume(self) -> None: ...
+
+    def seek(self, tp: TP, offset: int) -> None: ...
+
+    async def committed(self, tp: TP) -> int | None:
+        """The group's committed offset, used only when no checkpoint exists."""
+
+    async def reset_position(self, tp: TP) -> int:
+        """Where a partition with no checkpoint and no commit starts, by the reset policy."""
+
+    async def commit(self, positions: dict[TP, int]) -> None:
+        """Commit positions for lag tools; raise LostOwnership when the source lost a partition."""
+
+    async def end_offsets(self, tps: list[TP]) -> dict[TP, int]:
+        """Best-effort end offsets, for the lag metric only."""
+
+    async def stop(self) -> None: ...
+
+
+class DeadLetters(Protocol):
+    async def events(self, items: list[tuple[Message, str, str]]) -> None:
+        """Store invalid events (message, reason, detail) durably; raise when that cannot be done."""
+
+    async def records(self, stream: str, items: list[tuple[dict[str, Any], str]]) -> None:
+        """Store API-refused records (record, API message) durably; raise when that cannot be done."""

@@ -1,0 +1,268 @@
+"""Everything that speaks Kafka: the consumer-group source, the journal store and the dead-letter topic.
+
+aiokafka lives here only (STYLE.md): the pipeline sees `Source`, `JournalStore` and `DeadLetters`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
+from aiokafka.helpers import create_ssl_context
+
+from allocd.config import KafkaSettings
+from allocd.sources.base import AssignmentListener, LostOwnership, Message
+from allocd.windows import TP
+
+__all__ = ["KafkaDeadLetters", "KafkaJournalStore", "KafkaSource", "connection_options", "ensure_topics"]
+
+log = logging.getLogger("allocd.kafka")
+
+
+def connection_options(s: KafkaSettings) -> dict[str, Any]:
+    """bootstrap, client id and TLS/SASL options shared by consumer, producer and admin client."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": s.bootstrap_servers,
+        "client_id": s.client_id,
+        "security_protocol": s.security_protocol,
+    }
+    if s.security_protocol in ("SSL", "SASL_SSL"):
+        opts["ssl_context"] = create_ssl_context(
+            cafile=s.ssl_cafile or None, certfile=s.ssl_certfile or None, keyfile=s.ssl_keyfile or None
+        )
+    if s.security_protocol.startswith("SASL"):
+        opts["sasl_mechanism"] = s.sasl_mechanism
+        opts["sasl_plain_username"] = s.sasl_username
+        opts["sasl_plain_password"] = (
+            Path(s.sasl_password_file).read_text().strip() if s.sasl_password_file else ""
+        )
+    return opts
+
+
+async def ensure_topics(s: KafkaSettings, topics: dict[str, int]) -> None:
+    """Create the given topics (name → partitions) when missing; existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(**connection_options(s))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+            log.info("created topics", extra={"topics": [t.name for t in new]})
+    finally:
+        await admin.close()
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, target: AssignmentListener) -> None:
+        self.target = target
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.target.on_revoked([(tp.topic, tp.partition) for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.target.on_assigned([(tp.topic, tp.partition) for tp in assigned])
+
+
+class KafkaSource:
+    """A consumer-group member. Offsets are never auto-committed: the pipeline commits after delivery."""
+
+    name = "kafka"
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.s = settings
+        self.consumer: AIOKafkaConsumer | None = None
+        self._paused = False
+
+    async def start(self, listener: AssignmentListener) -> None:
+        s = self.s
+        self.consumer = AIOKafkaConsumer(
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=s.auto_offset_reset,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            rebalance_timeout_ms=s.rebalance_timeout_ms,
+            max_poll_records=s.max_poll_records,
+            fetch_max_bytes=s.fetch_max_bytes,
+            **connection_options(s),
+        )
+        self.consumer.subscribe(topics=list(s.topics), listener=_Listener(listener))
+        await self.consumer.start()
+
+    async def fetch(self, timeout: float) -> list[Message]:
+        assert self.consumer is not None
+        try:
+            data = await self.consumer.getmany(timeout_ms=int(timeout * 1000))
+        except KafkaError as exc:  # fetch errors are retried by polling again; logged, never fatal
+            log.warning("fetch failed", extra={"error": repr(exc)})
+            await asyncio.sleep(min(timeout, 1.0))
+            return []
+        out: list[Message] = []
+        for tp, records in data.items():
+            key = (tp.topic, tp.partition)
+            out.extend(Message(key, r.offset, r.timestamp, r.value or b"") for r in records)
+        return out
+
+    def pause(self) -> None:
+        assert self.consumer is not None
+        self._paused = True
+        self.consumer.pause(*self.consumer.assignment())
+
+    def resume(self) -> None:
+        assert self.consumer is not None
+        self._paused = False
+        self.consumer.resume(*self.consumer.assignment())
+
+    def seek(self, tp: TP, offset: int) -> None:
+        assert self.consumer is not None
+        self.consumer.seek(TopicPartition(*tp), offset)
+
+    async def committed(self, tp: TP) -> int | None:
+        assert self.consumer is not None
+        return await self.consumer.committed(TopicPartition(*tp))
+
+    async def reset_position(self, tp: TP) -> int:
+        # Asked explicitly rather than through position(): inside the rebalance callback the fetcher may
+        # already have advanced the position past records the pipeline has not processed.
+        assert self.consumer is not None
+        ktp = TopicPartition(*tp)
+        if self.s.auto_offset_reset == "earliest":
+            return (await self.consumer.beginning_offsets([ktp]))[ktp]
+        return (await self.consumer.end_offsets([ktp]))[ktp]
+
+    async def commit(self, positions: dict[TP, int]) -> None:
+        assert self.consumer is not None
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        offsets = {TopicPartition(*tp): off for tp, off in positions.items() if tp in owned}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            raise LostOwnership(str(exc)) from exc
+
+    async def end_offsets(self, tps: list[TP]) -> dict[TP, int]:
+        assert self.consumer is not None
+        try:
+            ends = await self.consumer.end_offsets([TopicPartition(*tp) for tp in tps])
+        except KafkaError:
+            return {}
+        return {(tp.topic, tp.partition): off for tp, off in ends.items()}
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+
+def _producer(s: KafkaSettings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        acks="all", linger_ms=2, max_request_size=4 * 1024 * 1024, **connection_options(s)
+    )
+
+
+class KafkaJournalStore:
+    """The journal in the checkpoint topic (one partition), keyed by group. Reading produces a barrier
+    first and reads up to its acknowledged offset, because the broker's end offset can under-report."""
+
+    def __init__(self, settings: KafkaSettings, producer: AIOKafkaProducer) -> None:
+        self.s = settings
+        self.producer = producer
+        self.topic = settings.checkpoint_topic
+        self.key = settings.group_id.encode()
+
+    async def append(self, entries: list[dict[str, Any]]) -> None:
+        futures = [
+            await self.producer.send(
+                self.topic, orjson.dumps({**e, "g": self.s.group_id}), key=self.key, partition=0
+            )
+            for e in entries
+        ]
+        await asyncio.gather(*futures)
+
+    async def read_all(self) -> list[dict[str, Any]]:
+        barrier = uuid.uuid4().hex
+        meta = await self.producer.send_and_wait(
+            self.topic,
+            orjson.dumps({"t": "barrier", "id": barrier, "g": self.s.group_id}),
+            key=self.key,
+            partition=0,
+        )
+        tp = TopicPartition(self.topic, 0)
+        consumer = AIOKafkaConsumer(enable_auto_commit=False, group_id=None, **connection_options(self.s))
+        await consumer.start()
+        out: list[dict[str, Any]] = []
+        try:
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            deadline = time.monotonic() + 60
+            done = False
+            while not done:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"journal read did not reach the barrier at offset {meta.offset}")
+                batch = await consumer.getmany(tp, timeout_ms=500)
+                for rec in batch.get(tp, []):
+                    if rec.offset >= meta.offset:
+                        done = True
+                        break
+                    if rec.key == self.key:
+                        entry = orjson.loads(rec.value)
+                        if entry.get("g") == self.s.group_id and entry.get("t") != "barrier":
+                            out.append(entry)
+        finally:
+            await consumer.stop()
+        return out
+
+
+class KafkaDeadLetters:
+    """Invalid events and refused records, with the reason and the source position in headers."""
+
+    def __init__(self, topic: str, producer: AIOKafkaProducer) -> None:
+        self.topic = topic
+        self.producer = producer
+
+    async def events(self, items: list[tuple[Message, str, str]]) -> None:
+        futures = []
+        for msg, reason, detail in items:
+            headers = [
+                ("allocd-kind", b"event"),
+                ("allocd-reason", reason.encode()),
+                ("allocd-detail", detail[:500].encode("utf-8", "replace")),
+                ("allocd-source-topic", msg.tp[0].encode()),
+                ("allocd-source-partition", str(msg.tp[1]).encode()),
+                ("allocd-source-offset", str(msg.offset).encode()),
+            ]
+            futures.append(await self.producer.send(self.topic, msg.value, headers=headers))
+        await asyncio.gather(*futures)
+
+    async def records(self, stream: str, items: list[tuple[dict[str, Any], str]]) -> None:
+        futures = []
+        for record, message in items:
+            headers = [
+                ("allocd-kind", b"record"),
+                ("allocd-reason", b"api_rejected"),
+                ("allocd-detail", message[:500].encode("utf-8", "replace")),
+                ("allocd-stream", stream.encode()),
+            ]
+            futures.append(await self.producer.send(self.topic, orjson.dumps(record), headers=headers))
+        await asyncio.gather(*futures)
+
+
+def make_producer(settings: KafkaSettings) -> AIOKafkaProducer:
+    return _producer(settings)

@@ -1,0 +1,287 @@
+"""Test-side helpers for the daemon's integration tests: a daemon subprocess, a live event generator with
+its own ground truth, and read-back from the emulator. Everything talks to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from allocd.cloudzero.records import canonical_filter
+from allocd.embedded import Message, produce
+
+TruthKey = tuple[str, str, str, tuple[Any, ...]]  # (stream, hour "…Z", element, canonical filter)
+
+STREAMS = {
+    "billing-usage": ("custom:feature", "tag:environment"),
+    "search-usage": ("custom:feature",),
+}
+
+
+def hour_of(ts_ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(ts_ms // 1000))
+
+
+@dataclass
+class Generator:
+    """Live canonical events (timestamp = now) and the totals the API must end up with."""
+
+    seed: int = 1
+    elements: int = 5
+    truth: dict[TruthKey, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    produced: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def event(self, now_ms: int | None = None) -> bytes:
+        now_ms = now_ms or int(time.time() * 1000)
+        stream = self.rng.choice(sorted(STREAMS))
+        element = f"cust-{self.rng.randrange(self.elements)}"
+        flt: dict[str, list[str]] = {"custom:feature": [self.rng.choice(["billing", "export"])]}
+        if "tag:environment" in STREAMS[stream]:
+            flt["tag:environment"] = ["prod"]
+        value: int | str = self.rng.randint(1, 1000)
+        if self.rng.random() < 0.2:
+            value = f"{self.rng.randint(1, 99)}.{self.rng.randint(0, 99):02d}"
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now_ms / 1000)) + f".{now_ms % 1000:03d}Z"
+        ev = {
+            "id": uuid.uuid4().hex,
+            "timestamp": ts,
+            "stream": stream,
+            "element_name": element,
+            "filter": flt,
+        }
+        ev["value"] = value
+        self.truth[(stream, hour_of(now_ms), element, canonical_filter(flt))] += Decimal(str(value))
+        self.produced += 1
+        return orjson.dumps(ev)
+
+    def batch(self, n: int) -> list[Message]:
+        return [Message(self.event(), key=None) for _ in range(n)]
+
+    def expected(self) -> dict[TruthKey, Decimal]:
+        return {k: v for k, v in self.truth.items() if v}
+
+
+async def produce_live(bootstrap: str, topic: str, gen: Generator, total: int, seconds: float) -> None:
+    """Spread `total` events over about `seconds`, in small batches, so windows open and close live."""
+    steps = max(1, int(seconds / 0.25))
+    per = max(1, total // steps)
+    sent = 0
+    while sent < total:
+        n = min(per, total - sent)
+        await produce(bootstrap, topic, gen.batch(n))
+        sent += n
+        await asyncio.sleep(0.25)
+
+
+async def emulator_totals(session: aiohttp.ClientSession, url: str) -> dict[TruthKey, Decimal]:
+    async with session.get(f"{url}/_admin/totals") as resp:
+        body = await resp.json()
+    out: dict[TruthKey, Decimal] = {}
+    for stream, info in body["streams"].items():
+        for cell in info["cells"]:
+            if cell.get("deleted"):
+                continue
+            key = (
+                stream,
+                cell["timestamp"],
+                cell["element_name"],
+                canonical_filter(cell.get("filter") or {}),
+            )
+            out[key] = out.get(key, Decimal(0)) + Decimal(cell["value"])
+    return out
+
+
+async def emulator_requests(session: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
+    async with session.get(f"{url}/_admin/requests") as resp:
+        return (await resp.json())["requests"]
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.25
+) -> None:
+    """Poll `check` until true; fail with `what` after `timeout` seconds (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def daemon_config(
+    *,
+    bootstrap: str,
+    topic: str,
+    api_url: str,
+    key_file: Path,
+    group: str,
+    checkpoint_topic: str,
+    dlq_topic: str,
+    window_seconds: int = 2,
+    grace_seconds: float = 0.5,
+    records_per_request: int = 3000,
+    records_per_second: float = 10_000,
+    flush_on_shutdown: bool = False,
+    shutdown_timeout: float = 10,
+    extra: str = "",
+) -> str:
+    streams = "\n".join(
+        f'[events.streams.{name}]\ngranularity = "HOURLY"\ndimensions = {list(dims)!r}\n'.replace("'", '"')
+        for name, dims in STREAMS.items()
+    )
+    return f"""
+[kafka]
+bootstrap_servers = "{bootstrap}"
+topics = ["{topic}"]
+group_id = "{group}"
+checkpoint_topic = "{checkpoint_topic}"
+dlq_topic = "{dlq_topic}"
+session_timeout_ms = 6000
+heartbeat_interval_ms = 1000
+rebalance_timeout_ms = 10000
+
+[api]
+base_url = "{api_url}"
+api_key_file = "{key_file}"
+records_per_request = {records_per_request}
+records_per_second = {records_per_second}
+request_timeout = 5
+retry_deadline = 20
+
+[pipeline]
+window_seconds = {window_seconds}
+grace_seconds = {grace_seconds}
+tick_seconds = 0.1
+flush_on_shutdown = {str(flush_on_shutdown).lower()}
+shutdown_timeout_seconds = {shutdown_timeout}
+
+[server]
+host = "127.0.0.1"
+port = 0
+log_level = "INFO"
+{extra}
+[events]
+undeclared = "reject"
+
+{streams}
+"""
+
+
+class DaemonProcess:
+    """`allocd run` as a child process; stopped by PID (SIGTERM, or SIGKILL for crash tests)."""
+
+    def __init__(self, config: str, workdir: Path, name: str = "allocd") -> None:
+        self.workdir = workdir
+        self.name = name
+        self.config_path = workdir / f"{name}.toml"
+        self.config_path.write_text(config)
+        self.log_path = workdir / f"{name}.log"
+        self.port_file = workdir / f"{name}.port"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.port_file.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCD_")}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "allocd.cli",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--port-file",
+                str(self.port_file),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def port(self, timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.port_file.exists():
+                return int(self.port_file.read_text())
+            assert self.proc is not None and self.proc.poll() is None, self.log_tail()
+            await asyncio.sleep(0.05)
+        raise AssertionError("daemon did not start its server\n" + self.log_tail())
+
+    async def metrics(self, session: aiohttp.ClientSession) -> str:
+        async with session.get(f"http://127.0.0.1:{await self.port()}/metrics") as resp:
+            return await resp.text()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Cleanup for finally-blocks: SIGTERM, then SIGKILL; never leaves the child running."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+        except FileNotFoundError:
+            return "(no log)"
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_bytes().splitlines():
+            try:
+                out.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                out.append({"raw": line.decode("utf-8", "replace")})
+        return out
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total
