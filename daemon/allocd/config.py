@@ -98,10 +98,14 @@ class PipelineSettings:
     max_open_keys: int = 1_000_000  # open cells before a forced cycle
     max_memory_bytes: int = 512 * 1024 * 1024  # accumulator estimate before a forced cycle
     max_pending_snapshots: int = 1  # snapshots waiting behind the one in flight before pausing
-    flush_on_shutdown: bool = False  # deliver open windows on SIGTERM (sidecar default: true)
+    flush_on_shutdown: bool | None = None  # deliver open windows on SIGTERM; unset: only the sidecar does
     shutdown_timeout_seconds: float = 30.0
     tick_seconds: float = 0.5  # how often windows are checked for closing when no events arrive
     window_seconds: int = 0  # TEST ONLY: override every stream's window size (0 = its granularity)
+
+    def flushes_on_shutdown(self, sidecar: bool) -> bool:
+        """The sidecar's spool may die with its pod, so it delivers open windows on SIGTERM by default."""
+        return sidecar if self.flush_on_shutdown is None else self.flush_on_shutdown
 
     def validate(self, prefix: str) -> None:
         _positive(self, prefix, "max_flush_interval_seconds", "max_open_keys", "shutdown_timeout_seconds")
@@ -164,13 +168,15 @@ _SECTIONS = {
 
 def _positive(obj: object, prefix: str, *names: str) -> None:
     for name in names:
-        if getattr(obj, name) <= 0:
+        if not getattr(obj, name) > 0:  # written so that NaN fails too
             raise ConfigError(f"{prefix}{name}", "must be > 0")
 
 
 def _coerce(key: str, raw: Any, kind: Any, from_env: bool) -> Any:
     """Convert one value to the field's type; env values arrive as strings."""
     try:
+        if kind == bool | None:
+            kind = bool
         if kind is bool:
             if isinstance(raw, bool):
                 return raw
@@ -184,9 +190,12 @@ def _coerce(key: str, raw: Any, kind: Any, from_env: bool) -> Any:
                 raise ValueError
             return int(raw.replace("_", "")) if from_env else _exact_int(raw)
         if kind is float:
-            if isinstance(raw, bool):
+            if isinstance(raw, bool) or (isinstance(raw, str) and not from_env):
                 raise ValueError
-            return float(raw)
+            value = float(raw)
+            if value != value:
+                raise ValueError
+            return value
         if kind == tuple[str, ...]:
             items = raw.split(",") if from_env else raw
             if isinstance(items, str) or not all(isinstance(i, str) for i in items):

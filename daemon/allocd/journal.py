@@ -83,9 +83,16 @@ class PartitionState:
 @dataclass(slots=True)
 class Recovered:
     state: PartitionState
-    in_doubt_requests: int = 0
-    in_doubt_cells: int = 0
+    in_doubt: dict[tuple[str, int], int] = field(default_factory=dict)  # (cycle, request) → cells in doubt
     interrupted_cycles: int = 0
+
+    @property
+    def in_doubt_requests(self) -> int:
+        return len(self.in_doubt)
+
+    @property
+    def in_doubt_cells(self) -> int:
+        return sum(self.in_doubt.values())
 
 
 def _tp_of(entry: dict[str, Any]) -> TP:
@@ -142,8 +149,7 @@ def _apply_cycles(state: PartitionState, tp: TP, entries: list[dict[str, Any]]) 
     for key, cells in sent.items():
         left = cells - settled.get(key, set())
         if left and key not in failed:
-            rec.in_doubt_requests += 1
-            rec.in_doubt_cells += len(left)
+            rec.in_doubt[key] = len(left)
     rec.interrupted_cycles = len(boundary)
     return rec
 

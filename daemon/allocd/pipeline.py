@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from allocd.errors import AuthError, InvalidEvent, TransientError
 from allocd.events import Decoder
 from allocd.journal import Journal, PartitionState, cell_digest
 from allocd.sources.base import DeadLetters, LostOwnership, Message, Source
-from allocd.windows import TP, Accumulator, Snapshot, window_bounds
+from allocd.windows import TP, Accumulator, Snapshot, WindowKey, window_bounds
 
 __all__ = ["Pipeline"]
 
@@ -75,6 +76,7 @@ class Pipeline:
         self.health = health
         self.clock = clock
         self.reload_key = on_auth_failure or (lambda: False)
+        self.flush_on_shutdown = settings.flushes_on_shutdown(source.name != "kafka")
         self.acc = Accumulator(settings.window_seconds * 1000)
         self.parts: dict[TP, PartitionState] = {}
         self.next_offset: dict[TP, int] = {}
@@ -107,7 +109,7 @@ class Pipeline:
         self.stopping = True
         deadline = time.monotonic() + self.s.shutdown_timeout_seconds
         self.source.pause()
-        if self.s.flush_on_shutdown and not self.abandoning:
+        if self.flush_on_shutdown and not self.abandoning:
             async with self.lock:
                 if len(self.acc):
                     self._cut(self.acc.take_all(self._boundary(), "shutdown"))
@@ -135,6 +137,17 @@ class Pipeline:
 
     async def on_assigned(self, tps: list[TP]) -> None:
         recovered = await self.journal.recover(tps)
+        # One in-doubt request names every partition of its cycle: count it once, not once per partition.
+        in_doubt: dict[tuple[str, int], int] = {}
+        for rec in recovered.values():
+            in_doubt.update(rec.in_doubt)
+        if in_doubt:
+            self.metrics.api_in_doubt_requests.labels("sum").inc(len(in_doubt))
+            self.metrics.api_in_doubt_records.labels("sum").inc(sum(in_doubt.values()))
+            log.warning(
+                "recovered requests in doubt: their cells will be sent again (at-least-once)",
+                extra={"requests": len(in_doubt), "cells": sum(in_doubt.values())},
+            )
         async with self.lock:
             for tp in tps:
                 rec = recovered[tp]
@@ -151,13 +164,6 @@ class Pipeline:
                 self.source.seek(tp, state.position)
                 self.parts[tp] = state
                 self.next_offset[tp] = state.position
-                if rec.in_doubt_requests:
-                    self.metrics.api_in_doubt_requests.labels("sum").inc(rec.in_doubt_requests)
-                    self.metrics.api_in_doubt_records.labels("sum").inc(rec.in_doubt_cells)
-                    log.warning(
-                        "recovered requests in doubt: their cells will be sent again (at-least-once)",
-                        extra={"topic": tp[0], "partition": tp[1], "requests": rec.in_doubt_requests},
-                    )
                 log.info(
                     "partition assigned",
                     extra={
@@ -288,7 +294,7 @@ class Pipeline:
             self._set_paused(trigger != "closed" or len(self.pending) > 0)
             return
         if trigger == "closed":
-            keys = self.acc.closed(int(self.clock() * 1000), int(self.s.grace_seconds * 1000))
+            keys = self._closed()
             self._cut(self.acc.take(keys, self._boundary(), trigger))
         else:
             self._cut(self.acc.take_all(self._boundary(), trigger))
@@ -304,9 +310,16 @@ class Pipeline:
             return "memory_cap"
         if self.clock() - self.last_full_cut >= self.s.max_flush_interval_seconds:
             return "max_interval"
-        if self.acc.closed(int(self.clock() * 1000), int(self.s.grace_seconds * 1000)):
+        if self._closed():
             return "closed"
         return None
+
+    def _closed(self) -> list[WindowKey]:
+        """Windows past end + grace on the wall clock and in what the source has read (§3)."""
+        horizon = min(self.clock() * 1000, self.source.frontier_ms())
+        if horizon == -math.inf:  # a partition with a backlog and nothing read yet
+            return []
+        return self.acc.closed(int(horizon), int(self.s.grace_seconds * 1000))
 
     def _cut(self, snap: Snapshot) -> None:
         if snap.trigger != "closed":

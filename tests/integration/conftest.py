@@ -8,13 +8,17 @@ session_timeout_ms / 2 to complete a group join) and wait on conditions with dea
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from allocd.embedded import EmbeddedBroker, create_topics
 
-__all__ = ["TopicFactory"]
+__all__ = ["EMULATOR_KEYS", "EmulatorHandle", "TopicFactory"]
+
+EMULATOR_KEYS = ("key-a", "key-b", "key-c")
 
 TopicFactory = Callable[..., Awaitable[str]]
 
@@ -42,4 +46,29 @@ def topic_factory(broker: EmbeddedBroker) -> TopicFactory:
     return make
 
 
-# The `emulator` fixture (the CloudZero API emulator subprocess) belongs here too; another engineer owns it.
+@dataclass
+class EmulatorHandle:
+    url: str
+    runner: Any
+
+    @property
+    def state(self) -> Any:
+        """The in-process Emulator, for direct inspection."""
+        from allocd.cloudzero.emulator import get_emulator
+
+        return get_emulator(self.runner.app)
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[EmulatorHandle]:
+    """The CloudZero emulator in the test's event loop on a free loopback port, admin routes on, two keys
+    (tests give each daemon its own), a rate limit high enough not to get in the way unless a test says."""
+    from allocd.cloudzero.emulator import EmulatorConfig, bound_port, serve
+
+    runner = await serve(
+        EmulatorConfig(keys=EMULATOR_KEYS, admin=True, rate=1_000_000, burst=10_000_000), "127.0.0.1", 0
+    )
+    try:
+        yield EmulatorHandle(f"http://127.0.0.1:{bound_port(runner)}", runner)
+    finally:
+        await runner.cleanup()

@@ -44,6 +44,7 @@ class Generator:
     elements: int = 5
     truth: dict[TruthKey, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     produced: int = 0
+    seen: list[tuple[int, str, str, tuple[Any, ...]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -68,11 +69,17 @@ class Generator:
         }
         ev["value"] = value
         self.truth[(stream, hour_of(now_ms), element, canonical_filter(flt))] += Decimal(str(value))
+        self.seen.append((now_ms, stream, element, canonical_filter(flt)))
         self.produced += 1
         return orjson.dumps(ev)
 
     def batch(self, n: int) -> list[Message]:
         return [Message(self.event(), key=None) for _ in range(n)]
+
+    def cell_windows(self, window_seconds: int) -> int:
+        """Distinct (stream, window, element, filter): the records an ideal run sends."""
+        w = window_seconds * 1000
+        return len({(s, ts - ts % w, e, f) for ts, s, e, f in self.seen})
 
     def expected(self) -> dict[TruthKey, Decimal]:
         return {k: v for k, v in self.truth.items() if v}
@@ -140,6 +147,7 @@ def daemon_config(
     records_per_second: float = 10_000,
     flush_on_shutdown: bool = False,
     shutdown_timeout: float = 10,
+    session_timeout_ms: int = 2000,
     extra: str = "",
 ) -> str:
     streams = "\n".join(
@@ -153,8 +161,8 @@ topics = ["{topic}"]
 group_id = "{group}"
 checkpoint_topic = "{checkpoint_topic}"
 dlq_topic = "{dlq_topic}"
-session_timeout_ms = 6000
-heartbeat_interval_ms = 1000
+session_timeout_ms = {session_timeout_ms}
+heartbeat_interval_ms = {session_timeout_ms // 4}
 rebalance_timeout_ms = 10000
 
 [api]
@@ -176,6 +184,7 @@ shutdown_timeout_seconds = {shutdown_timeout}
 host = "127.0.0.1"
 port = 0
 log_level = "INFO"
+assignment_grace_seconds = 0
 {extra}
 [events]
 undeclared = "reject"
@@ -235,26 +244,36 @@ class DaemonProcess:
         async with session.get(f"http://127.0.0.1:{await self.port()}/metrics") as resp:
             return await resp.text()
 
-    def kill(self) -> None:
+    async def wait(self, timeout: float) -> int:
+        """Wait for exit without blocking the event loop (the in-process emulator must keep answering)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} (pid {self.pid}) still running after {timeout} s")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    async def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        await self.wait(10)
 
-    def terminate(self, timeout: float = 30) -> int:
+    async def terminate(self, timeout: float = 30) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
+        return await self.wait(timeout)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Cleanup for finally-blocks: SIGTERM, then SIGKILL; never leaves the child running."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
+                await self.wait(15)
+            except TimeoutError:
                 self.proc.kill()
-                self.proc.wait(timeout=10)
+                await self.wait(10)
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -156,6 +156,8 @@ class _Entry:
     status: int | None = None
     hook: bool = False
     fault: str | None = None
+    applied: bool = False
+    body: list[Any] | None = None  # the records, kept only for a request a hook fired on
 
 
 class Emulator:
@@ -317,9 +319,12 @@ class Emulator:
             raise _Reply.from_error(exc) from None
         if not self.limiter.take(key, len(records)):
             raise _Reply(429, "rate_limited")
-        self.state.apply(name, op, records, filter_given)
-        hook = self._count_hooks(op, entry)
+        hook = self._count_hooks(op, entry, key)
+        if hook is None or hook.apply:
+            self.state.apply(name, op, records, filter_given)
+            entry.applied = True
         if hook is not None:
+            entry.body = raws
             return await self._run_hook(request, hook)
         if self._draw(self.faults.hang):
             entry.fault = "hang"
@@ -341,11 +346,13 @@ class Emulator:
             filter_given.append(op is not Op.DELETE or raw.get("filter") is not None)
         return records, filter_given
 
-    def _count_hooks(self, op: Op, entry: _Entry) -> Hook | None:
+    def _count_hooks(self, op: Op, entry: _Entry, key: str) -> Hook | None:
         """Count this applied write for every armed hook; return the one that fires now (one per request)."""
         fired: Hook | None = None
         for armed in self.hooks:
             if armed.fired_on is not None or (armed.hook.op is not None and armed.hook.op is not op):
+                continue
+            if armed.hook.key is not None and not hmac.compare_digest(armed.hook.key, key):
                 continue
             armed.seen += 1
             if fired is None and armed.seen >= armed.hook.after_request:

@@ -337,6 +337,9 @@ class Hook:
     - `hang`: never answer (until the client leaves or the server stops).
     - `signal`: send `signal` to `pid`, then hang (the daemon is dying anyway).
     - `fail503`: answer 503 although the write was applied (an ambiguous failure).
+    With `apply` false the hook fires *instead of* applying its request (the N-th valid write): a crash
+    point after requests 1..N-1 were answered, with nothing of request N applied. With `key`, only
+    requests made with that API key count (tests give each daemon its own key).
     """
 
     after_request: int
@@ -344,6 +347,8 @@ class Hook:
     pid: int | None = None
     signal: str = "SIGTERM"
     op: Op | None = None
+    apply: bool = True
+    key: str | None = None  # count only requests made with this API key (one daemon among several)
 
     def __post_init__(self) -> None:
         if not isinstance(self.after_request, int) or isinstance(self.after_request, bool):
@@ -376,6 +381,7 @@ class Hook:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["op"] = self.op.value if self.op else None
+        out["key"] = "****" if self.key else None  # keys never leave the emulator
         return out
 
 

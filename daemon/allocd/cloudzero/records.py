@@ -237,13 +237,25 @@ def parse_value(raw: Any) -> int | Decimal:
         raise RecordError("invalid_value", "not a number")
     if value <= 0:
         raise RecordError("invalid_value", "must be > 0")
+    if _out_of_range(value):
+        raise RecordError("invalid_value", "out of range")
     return value
+
+
+def _out_of_range(value: int | Decimal) -> bool:
+    """[assume] values stay within a double's range (the API's JSON numbers are doubles); beyond it a value
+    is a producer bug, and formatting it would build a string of thousands of digits."""
+    if isinstance(value, int):
+        return value.bit_length() > 1023
+    return not -308 <= value.adjusted() <= 308
 
 
 def needs_rounding(value: int | Decimal) -> bool:
     """True when the API would round the value: it has more than 15 significant digits [doc]."""
-    d = Decimal(value).normalize()
-    return len(d.as_tuple().digits) > SIGNIFICANT_DIGITS
+    # Count the digits directly: normalize() would first round to the context's 28 digits, so 10**30 + 1
+    # would look exact although format_value rounds it.
+    digits = "".join(map(str, Decimal(value).as_tuple().digits)).rstrip("0")
+    return len(digits) > SIGNIFICANT_DIGITS
 
 
 def format_value(value: int | Decimal) -> str:

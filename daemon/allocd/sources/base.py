@@ -35,6 +35,11 @@ class AssignmentListener(Protocol):
 class Source(Protocol):
     name: str
 
+    def frontier_ms(self) -> float:
+        """Arrival time (ms) below which everything assigned has been read; math.inf when caught up. A
+        window closes only when both the wall clock and this frontier passed its end plus grace, so a
+        backlog read in many batches still reaches the API as one record per window."""
+
     async def start(self, listener: AssignmentListener) -> None: ...
 
     async def fetch(self, timeout: float) -> list[Message]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -89,6 +90,8 @@ class KafkaSource:
         self.s = settings
         self.consumer: AIOKafkaConsumer | None = None
         self._paused = False
+        self._next: dict[TP, int] = {}  # next offset per partition, as fetched
+        self._seen_ms: dict[TP, int] = {}  # newest record timestamp read per partition
 
     async def start(self, listener: AssignmentListener) -> None:
         s = self.s
@@ -118,7 +121,24 @@ class KafkaSource:
         for tp, records in data.items():
             key = (tp.topic, tp.partition)
             out.extend(Message(key, r.offset, r.timestamp, r.value or b"") for r in records)
+            if records:
+                self._next[key] = records[-1].offset + 1
+                self._seen_ms[key] = max(self._seen_ms.get(key, 0), max(r.timestamp for r in records))
         return out
+
+    def frontier_ms(self) -> float:
+        """Arrival time below which every assigned partition has been read: +inf for a partition that is
+        caught up (next offset at the high watermark), else the newest record timestamp read from it."""
+        assert self.consumer is not None
+        frontier = math.inf
+        for ktp in self.consumer.assignment():
+            key = (ktp.topic, ktp.partition)
+            hw = self.consumer.highwater(ktp)
+            nxt = self._next.get(key)
+            if hw is not None and nxt is not None and nxt >= hw:
+                continue
+            frontier = min(frontier, self._seen_ms.get(key, -math.inf))
+        return frontier
 
     def pause(self) -> None:
         assert self.consumer is not None
@@ -133,6 +153,8 @@ class KafkaSource:
     def seek(self, tp: TP, offset: int) -> None:
         assert self.consumer is not None
         self.consumer.seek(TopicPartition(*tp), offset)
+        self._next[tp] = offset
+        self._seen_ms.pop(tp, None)
 
     async def committed(self, tp: TP) -> int | None:
         assert self.consumer is not None

@@ -1,0 +1,488 @@
+"""Decode + map: one raw message (a Kafka record value, or one element posted to the sidecar) → an `Event`.
+
+The canonical shape needs no configuration:
+
+    {"id": "...", "timestamp": "2026-11-27T10:15:03.120Z", "stream": "billing-usage",
+     "element_name": "hooli", "filter": {"custom:feature": ["billing"]}, "value": 250}
+
+A `FieldMapping` (mapping.py) reads producers' own field names instead. Anything that cannot be counted raises
+`InvalidEvent(reason, detail)` — the pipeline sends it to the DLQ and moves on; `reason` is one of `REASONS`
+(a metric label and a DLQ header, so the codes are stable). Nothing else ever escapes `decode`.
+
+Validity never depends on when an event is read: lateness and future are judged against the record's own
+timestamp (its arrival), so a replay classifies every event identically.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from allocd.cloudzero.records import (
+    MAX_DIMENSIONS,
+    CanonicalFilter,
+    Granularity,
+    RecordError,
+    canonical_filter,
+    is_recognised_dimension,
+    parse_value,
+    validate_element_name,
+    validate_filter,
+    validate_stream_name,
+)
+from allocd.errors import ConfigError, InvalidEvent
+from allocd.mapping import FieldMapping, Path, dimension_values, lookup, split_path, timestamp_ms
+
+__all__ = [
+    "REASONS",
+    "Decoder",
+    "DecoderConfig",
+    "Event",
+    "StreamSpec",
+]
+
+REASONS = (
+    "not_json",
+    "not_object",
+    "too_large",
+    "missing_element",
+    "missing_value",
+    "invalid_value",
+    "invalid_element",
+    "missing_stream",
+    "undeclared_stream",
+    "invalid_stream",
+    "invalid_timestamp",
+    "too_late",
+    "future",
+    "too_many_dimensions",
+    "too_many_values",
+    "invalid_filter",
+    "unknown_dimension",
+    "dimension_mismatch",
+)
+
+# records.py's rules, renamed to our reasons.
+_RULE_REASONS = {
+    "invalid_element_name": "invalid_element",
+    "invalid_value": "invalid_value",
+    "invalid_stream_name": "invalid_stream",
+    "invalid_timestamp": "invalid_timestamp",
+    "invalid_filter": "invalid_filter",
+    "too_many_dimensions": "too_many_dimensions",
+    "too_many_values": "too_many_values",
+    "unrecognized_filter_keys": "unknown_dimension",
+}
+
+_FILTER_CACHE_SIZE = 4096  # distinct (stream, filter) shapes kept; filter variety is small
+_FILTER_CACHE_MAX_KEY = 1024  # bytes; a larger filter is validated every time rather than pinned in memory
+# [assume] a value must lie within a double's range, as the API's JSON number surely does.
+_MAX_INT_VALUE = int(sys.float_info.max)
+_MAX_DECIMAL_VALUE = Decimal(sys.float_info.max)
+_MIN_DECIMAL_VALUE = Decimal(math.ulp(0.0))  # the smallest positive double, 5e-324
+_MAX_VALUE_CHARS = 512
+# orjson would otherwise write datetimes, dataclasses and str subclasses as JSON, so a filter holding them
+# (possible only through decode_obj) would be judged by its JSON form rather than refused as the rules say.
+_PLAIN_JSON_ONLY = (
+    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """One declared stream: what the API fixes at its first write, plus dimensions added to every event."""
+
+    name: str
+    granularity: Granularity = Granularity.HOURLY
+    dimensions: frozenset[str] = frozenset()  # the filter dimension set; an event must carry exactly these
+    constant_filter: CanonicalFilter = ()  # e.g. (("tag:environment", ("prod",)),); overrides the event's
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderConfig:
+    """What the decoder accepts: the declared streams, the field mapping and the limits."""
+
+    streams: Mapping[str, StreamSpec]  # by name
+    default_stream: str | None = None  # the stream of an event that names none
+    undeclared: str = "reject"  # "reject" (DLQ) | "accept" (HOURLY, no dimension check)
+    mapping: FieldMapping = field(default_factory=FieldMapping)
+    max_lateness_ms: int = 7 * 24 * 3600 * 1000  # older than this before the record timestamp → too_late
+    max_future_ms: int = 15 * 60 * 1000  # later than this after the record timestamp → future
+    max_event_bytes: int = 64 * 1024
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, prefix: str = "") -> DecoderConfig:
+        """Build from the `events` config table; a ConfigError names the key (`streams.billing.granularity`).
+
+        `prefix` is put before every key (a missing trailing dot is added): `prefix="events"` gives
+        `events.streams.billing.granularity`.
+        """
+        if prefix and not prefix.endswith("."):
+            prefix += "."
+        _check_table(data, prefix.rstrip(".") or "events", _CONFIG_KEYS, prefix)
+        streams = _streams_setting(f"{prefix}streams", data.get("streams", {}))
+        undeclared = data.get("undeclared", "reject")
+        if undeclared not in ("reject", "accept"):
+            raise ConfigError(f"{prefix}undeclared", f"must be reject or accept, got {undeclared!r}")
+        default_stream = data.get("default_stream") or None  # "" (an empty env var) means none
+        if default_stream is not None:
+            try:
+                validate_stream_name(default_stream)
+            except RecordError as exc:
+                raise ConfigError(f"{prefix}default_stream", exc.describe()) from None
+            if undeclared == "reject" and default_stream not in streams:
+                raise ConfigError(f"{prefix}default_stream", f"{default_stream!r} is not declared in streams")
+        mapping = FieldMapping.from_dict(data.get("mapping", {}), prefix=f"{prefix}mapping.")
+        limits = {name: _int_setting(f"{prefix}{name}", data, name) for name in _LIMIT_KEYS}
+        limits = {name: value for name, value in limits.items() if value is not None}
+        return cls(streams, default_stream, undeclared, mapping, **limits)
+
+
+_LIMIT_KEYS = ("max_lateness_ms", "max_future_ms", "max_event_bytes")
+_CONFIG_KEYS = ("streams", "default_stream", "undeclared", "mapping", *_LIMIT_KEYS)
+_STREAM_KEYS = ("granularity", "dimensions", "constant_filter")
+
+
+def _check_table(data: Any, key: str, known: tuple[str, ...], prefix: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(key, "must be a table")
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _int_setting(key: str, data: Mapping[str, Any], name: str) -> int | None:
+    if name not in data:
+        return None
+    raw = data[name]
+    if type(raw) is not int or raw < (1 if name == "max_event_bytes" else 0):
+        raise ConfigError(
+            key, f"expected an integer {'> 0' if name == 'max_event_bytes' else '>= 0'}, got {raw!r}"
+        )
+    return raw
+
+
+def _streams_setting(key: str, raw: Any) -> dict[str, StreamSpec]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, "must be a table of stream name → settings")
+    out: dict[str, StreamSpec] = {}
+    for name, spec in raw.items():
+        try:
+            validate_stream_name(name)
+        except RecordError as exc:
+            raise ConfigError(f"{key}.{name}", exc.describe()) from None
+        out[name] = _stream_setting(f"{key}.{name}.", name, spec)
+    return out
+
+
+def _stream_setting(prefix: str, name: str, data: Any) -> StreamSpec:
+    _check_table(data, prefix.rstrip("."), _STREAM_KEYS, prefix)
+    raw_granularity = data.get("granularity", "HOURLY")
+    try:
+        granularity = Granularity(raw_granularity.upper())
+    except (AttributeError, ValueError):
+        raise ConfigError(
+            f"{prefix}granularity", f"must be HOURLY, DAILY or MONTHLY, got {raw_granularity!r}"
+        ) from None
+    dims = data.get("dimensions", [])
+    if not isinstance(dims, list | tuple) or not all(isinstance(d, str) for d in dims):
+        raise ConfigError(f"{prefix}dimensions", "must be a list of dimension names")
+    if len(set(dims)) != len(dims) or len(dims) > MAX_DIMENSIONS:
+        raise ConfigError(f"{prefix}dimensions", f"at most {MAX_DIMENSIONS} dimensions, without repeats")
+    for dim in dims:
+        if not is_recognised_dimension(dim):
+            raise ConfigError(f"{prefix}dimensions", f"{dim!r} is not a recognised dimension")
+    constant = _constant_filter_setting(f"{prefix}constant_filter", data.get("constant_filter", {}))
+    extra = sorted({k for k, _ in constant} - set(dims))
+    if extra:
+        raise ConfigError(
+            f"{prefix}constant_filter", f"dimension {extra[0]!r} is missing from {prefix}dimensions"
+        )
+    return StreamSpec(name, granularity, frozenset(dims), constant)
+
+
+def _constant_filter_setting(key: str, raw: Any) -> CanonicalFilter:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, "must be a table of dimension → list of values")
+    as_lists = {k: [v] if isinstance(v, str) else v for k, v in raw.items()}
+    try:
+        return canonical_filter(validate_filter(as_lists))
+    except RecordError as exc:
+        raise ConfigError(key, exc.describe()) from None
+
+
+@dataclass(slots=True)
+class Event:
+    """One usage event, ready to be added into its window's cell."""
+
+    stream: str
+    timestamp_ms: int  # event time, epoch milliseconds UTC
+    element: str
+    filter: CanonicalFilter  # records.canonical_filter form, the stream's constant filter merged in
+    value: int | Decimal  # > 0, exact: integers stay int, anything else is the Decimal of its literal
+    id: str | None
+    granularity: Granularity
+
+
+def _reject(exc: RecordError, fallback: str) -> InvalidEvent:
+    return InvalidEvent(_RULE_REASONS.get(exc.rule, fallback), exc.detail)
+
+
+def _encodable(text: str) -> bool:
+    """False for strings holding lone surrogates, which orjson (and so the API client) cannot encode."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _element_text(element: Any) -> Any:
+    if element is None:
+        raise InvalidEvent("missing_element")
+    if type(element) is int:
+        return str(element)  # numeric customer ids are common in producers' schemas
+    return element  # validate_element_name refuses it
+
+
+def _check_magnitude(number: int | Decimal) -> None:
+    """[assume] the API's JSON number is a double: a value must be a positive finite one."""
+    if type(number) is int:
+        ok = number <= _MAX_INT_VALUE
+    else:
+        ok = _MIN_DECIMAL_VALUE <= number <= _MAX_DECIMAL_VALUE
+    if not ok:
+        raise InvalidEvent("invalid_value", "beyond a double's range")
+
+
+def _id_text(eid: Any) -> str | None:
+    """[assume] an integer id becomes a string; an unusable one is dropped rather than failing the event."""
+    if type(eid) is int:
+        return str(eid)
+    if type(eid) is str and _encodable(eid):
+        return eid
+    return None
+
+
+class Decoder:
+    """Turns raw messages into Events under one DecoderConfig, keeping a bounded cache of checked filters."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        self._config = config
+        m = config.mapping
+        self._streams = dict(config.streams)
+        self._default_stream = config.default_stream
+        self._accept_undeclared = config.undeclared == "accept"
+        self._max_bytes = config.max_event_bytes
+        self._max_late = config.max_lateness_ms
+        self._max_future = config.max_future_ms
+        self._ts_format = m.timestamp_format
+        paths: tuple[Path | None, ...] = tuple(
+            split_path(p) if p else None for p in (m.element, m.value, m.timestamp, m.stream, m.id, m.filter)
+        )
+        self._paths = paths
+        self._flat = all(p is None or len(p) == 1 for p in paths)
+        self._keys = tuple(p[0] if p else None for p in paths)  # used when every path is one key
+        self._value_path: Path = paths[1] or ("value",)
+        self._dimension_names = tuple(sorted(m.dimensions))
+        self._dimension_paths = tuple(split_path(m.dimensions[n]) for n in self._dimension_names)
+        # The JSON number written for the value's key, to read its exact literal (see _exact_literal).
+        key = re.escape(self._value_path[-1].encode())
+        self._value_literal = re.compile(
+            rb'"' + key + rb'"\s*:\s*(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)'
+        )
+        self._cached_filter = functools.lru_cache(maxsize=_FILTER_CACHE_SIZE)(self._filter_from_key)
+
+    @property
+    def config(self) -> DecoderConfig:
+        return self._config
+
+    def decode(self, raw: bytes, record_ts_ms: int) -> Event:
+        """Decode one message; `record_ts_ms` is its source timestamp (arrival). Raises InvalidEvent only."""
+        if type(raw) is not bytes:
+            raw = _as_bytes(raw)
+        if len(raw) > self._max_bytes:
+            raise InvalidEvent("too_large", f"{len(raw)} bytes > {self._max_bytes}")
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            # orjson also refuses NaN/Infinity literals and numbers beyond a double (1e400)
+            raise InvalidEvent("not_json", str(exc)[:120]) from None
+        return self._decode(obj, record_ts_ms, raw)
+
+    def decode_obj(self, obj: Any, record_ts_ms: int, size: int) -> Event:
+        """Decode an already-parsed JSON value whose encoded form is `size` bytes (the sidecar's path).
+
+        Floats are read through their shortest repr; a parser with `parse_float=Decimal` keeps every digit.
+        """
+        if size > self._max_bytes:
+            raise InvalidEvent("too_large", f"{size} bytes > {self._max_bytes}")
+        return self._decode(obj, record_ts_ms, None)
+
+    # --- the hot path ---------------------------------------------------------------------------------
+    def _decode(self, obj: Any, record_ts_ms: int, raw: bytes | None) -> Event:
+        if not isinstance(obj, dict):
+            raise InvalidEvent("not_object", type(obj).__name__)
+        if self._flat:
+            k = self._keys
+            get = obj.get
+            element, value, ts, stream, eid = get(k[0]), get(k[1]), get(k[2]), get(k[3]), get(k[4])
+            flt = get(k[5]) if k[5] is not None else None
+        else:
+            p = self._paths
+            element, value, ts, stream, eid, flt = (lookup(obj, path) if path else None for path in p)
+
+        # Each field's common case is inline (this runs once per event); the rules are records.py's.
+        if type(element) is not str:
+            element = _element_text(element)
+        try:
+            validate_element_name(element)
+        except RecordError as exc:
+            raise _reject(exc, "invalid_element") from None
+        if not element.isascii() and not _encodable(element):
+            raise InvalidEvent("invalid_element", "not valid unicode")
+
+        if type(value) is not int:
+            value = self._value_text(value, raw)
+        try:
+            number = parse_value(value)
+        except RecordError as exc:
+            raise _reject(exc, "invalid_value") from None
+        if type(number) is not int or number > _MAX_INT_VALUE:
+            _check_magnitude(number)
+
+        if stream is None:
+            stream = self._default_stream
+            if stream is None:
+                raise InvalidEvent("missing_stream")
+        spec = self._streams.get(stream) if type(stream) is str else None
+        if spec is None:
+            self._undeclared(stream)
+
+        if ts is None:
+            ts_ms = record_ts_ms
+        else:
+            ts_ms = timestamp_ms(ts, self._ts_format)
+            if ts_ms < record_ts_ms - self._max_late:
+                raise InvalidEvent("too_late", f"{record_ts_ms - ts_ms} ms before arrival")
+            if ts_ms > record_ts_ms + self._max_future:
+                raise InvalidEvent("future", f"{ts_ms - record_ts_ms} ms after arrival")
+
+        if self._dimension_paths:
+            canon = self._filter(stream, [flt, *(lookup(obj, path) for path in self._dimension_paths)])
+        else:
+            canon = self._filter(stream, [flt])
+
+        if eid is not None and (type(eid) is not str or not eid.isascii()):
+            eid = _id_text(eid)
+        granularity = spec.granularity if spec is not None else Granularity.HOURLY
+        return Event(stream, ts_ms, element, canon, number, eid, granularity)
+
+    def _value_text(self, value: Any, raw: bytes | None) -> Any:
+        """What parse_value should read for a value that is not an int."""
+        if value is None:
+            raise InvalidEvent("missing_value")
+        if type(value) is float and raw is not None:
+            value = self._exact_literal(raw, value)
+        elif type(value) is Decimal:
+            value = str(value)  # parse_value reads numeric strings; "NaN"/"Infinity" fail there
+        if type(value) is str and len(value) > _MAX_VALUE_CHARS:
+            # a double's range needs fewer; turning 60,000 digits into an int would take 0.1 s
+            raise InvalidEvent("invalid_value", f"numeric text longer than {_MAX_VALUE_CHARS} characters")
+        return value
+
+    def _exact_literal(self, raw: bytes, parsed: float) -> str | float:
+        """The value's JSON literal as written, so 0.1 stays 0.1 and 2**70 an int; `parsed` when unsure.
+
+        orjson hands out a float for any number with a fraction or exponent and for integers beyond 64 bits,
+        losing digits past the 17th. Where `raw` has no backslash, every quote delimits a string and every
+        key is spelled as written, so `"<key>": <number>` can only be a key and its number; a single match
+        whose float equals the parsed one is the value's own literal (the only number under that key name).
+        Otherwise the standard library re-reads the message keeping literals (slow, and rare).
+        """
+        if b"\\" not in raw:
+            found = self._value_literal.findall(raw)
+            if len(found) == 1 and float(found[0]) == parsed:
+                return found[0].decode()
+        try:
+            literal = lookup(json.loads(raw, parse_float=str, parse_int=str), self._value_path)
+            if type(literal) is str and float(literal) == parsed:
+                return literal
+        except Exception:  # best effort only: orjson already accepted the message
+            pass
+        return parsed
+
+    def _undeclared(self, stream: Any) -> None:
+        if type(stream) is not str:
+            raise InvalidEvent("invalid_stream", f"expected a string, not {type(stream).__name__}")
+        try:
+            validate_stream_name(stream)
+        except RecordError as exc:
+            raise _reject(exc, "invalid_stream") from None
+        if not self._accept_undeclared:
+            raise InvalidEvent("undeclared_stream", stream)
+
+    # --- filters ---------------------------------------------------------------------------------------
+    def _filter(self, stream: str, parts: list[Any]) -> CanonicalFilter:
+        """The canonical filter, cached by (stream, JSON of the filter object and the mapped values)."""
+        try:
+            key = orjson.dumps(parts, option=_PLAIN_JSON_ONLY)
+        except TypeError:  # not plain JSON (decode_obj's arbitrary objects): validate it uncached
+            return self._build_filter(stream, parts)
+        if len(key) > _FILTER_CACHE_MAX_KEY:
+            return self._build_filter(stream, parts)
+        return self._cached_filter(stream, key)
+
+    def _filter_from_key(self, stream: str, key: bytes) -> CanonicalFilter:
+        return self._build_filter(stream, orjson.loads(key))
+
+    def _build_filter(self, stream: str, parts: list[Any]) -> CanonicalFilter:
+        flt, *mapped = parts
+        spec = self._streams.get(stream)
+        try:
+            merged = dict(validate_filter(flt)) if flt is not None else {}
+            for name, raw in zip(self._dimension_names, mapped, strict=True):
+                values = dimension_values(raw)
+                if values is not None:
+                    merged[name] = merged[name] + values if name in merged else values
+            if spec is not None:
+                merged.update((name, list(values)) for name, values in spec.constant_filter)
+            if merged:
+                validate_filter(merged)  # again: merging may add dimensions
+            canon = canonical_filter(merged)
+        except RecordError as exc:
+            raise _reject(exc, "invalid_filter") from None
+        if spec is not None and (
+            len(canon) != len(spec.dimensions) or any(name not in spec.dimensions for name, _ in canon)
+        ):
+            have = ", ".join(name for name, _ in canon) or "none"
+            want = ", ".join(sorted(spec.dimensions)) or "none"
+            raise InvalidEvent("dimension_mismatch", f"stream {stream} has {want}; event has {have}")
+        try:
+            orjson.dumps(canon)  # lone surrogates (only possible via decode_obj) would break the API client
+        except TypeError:
+            raise InvalidEvent("invalid_filter", "not valid unicode") from None
+        return canon
+
+
+def _as_bytes(raw: Any) -> bytes:
+    """Kafka tombstones (None), str and buffer types, as bytes or a not_json rejection."""
+    if isinstance(raw, bytearray | memoryview):
+        return bytes(raw)
+    if isinstance(raw, str):
+        try:
+            return raw.encode()
+        except UnicodeEncodeError:
+            raise InvalidEvent("not_json", "not valid unicode") from None
+    raise InvalidEvent("not_json", "no value" if raw is None else f"not bytes: {type(raw).__name__}")

@@ -1,0 +1,190 @@
+"""Where producers keep an event's fields in their own schema, and how those fields become allocd's values.
+
+A `FieldMapping` names a dotted path per field (`customer.id` walks `{"customer": {"id": ...}}`); a dot always
+separates, so a key that itself contains a dot cannot be addressed. A missing step and JSON `null` both mean
+"absent". The functions here raise `InvalidEvent` with a reason from `events.REASONS`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from allocd.cloudzero.records import MAX_DIMENSIONS, RecordError, is_recognised_dimension, parse_timestamp
+from allocd.errors import ConfigError, InvalidEvent
+
+__all__ = [
+    "MAX_TIMESTAMP_MS",
+    "MIN_TIMESTAMP_MS",
+    "TIMESTAMP_FORMATS",
+    "FieldMapping",
+    "Path",
+    "dimension_values",
+    "lookup",
+    "split_path",
+    "timestamp_ms",
+]
+
+Path = tuple[str, ...]
+
+TIMESTAMP_FORMATS = ("auto", "iso", "epoch_s", "epoch_ms")
+# The range a datetime can hold, so windows.py can always turn an event time back into one.
+MIN_TIMESTAMP_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+# In "auto", an epoch number at or above this is milliseconds: 1e11 seconds is the year 5138, 1e11 ms 1973.
+_AUTO_MS_FROM = 100_000_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_EPOCH_STRING = re.compile(r"-?\d{1,20}(\.\d{1,9})?")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldMapping:
+    """Dotted paths to each field of an event; the defaults read the canonical shape."""
+
+    element: str = "element_name"  # e.g. "customer.id"
+    value: str = "value"  # e.g. "usage.records"
+    timestamp: str = "timestamp"  # absent in an event → the source's record timestamp
+    timestamp_format: str = "auto"  # auto (ISO 8601 string or epoch number) | iso | epoch_s | epoch_ms
+    stream: str = "stream"  # absent in an event → the config's default stream
+    id: str = "id"
+    filter: str | None = "filter"  # a canonical filter object in the event; None (or "" in TOML): none
+    # dimension name → dotted path, e.g. {"custom:region": "meta.region"}; a scalar becomes a one-value list,
+    # a list of scalars stays a list; merged (values united) with the filter object.
+    dimensions: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, prefix: str = "mapping.") -> FieldMapping:
+        """Build from a config table; a ConfigError names the key as `prefix + key`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(prefix.rstrip("."), "must be a table")
+        known = ("element", "value", "timestamp", "timestamp_format", "stream", "id", "filter", "dimensions")
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {}
+        for name in ("element", "value", "timestamp", "stream", "id"):
+            if name in data:
+                values[name] = _path_setting(f"{prefix}{name}", data[name])
+        if "filter" in data:
+            raw = data["filter"]
+            # TOML has no null: "" or false turn the filter object off.
+            values["filter"] = None if raw in (None, "", False) else _path_setting(f"{prefix}filter", raw)
+        if "timestamp_format" in data:
+            fmt = data["timestamp_format"]
+            if fmt not in TIMESTAMP_FORMATS:
+                raise ConfigError(
+                    f"{prefix}timestamp_format", f"must be one of {', '.join(TIMESTAMP_FORMATS)}"
+                )
+            values["timestamp_format"] = fmt
+        if "dimensions" in data:
+            values["dimensions"] = _dimension_settings(f"{prefix}dimensions", data["dimensions"])
+        return cls(**values)
+
+
+def _path_setting(key: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(key, f"expected a dotted field path, got {raw!r}")
+    split_path(raw, key)
+    return raw
+
+
+def _dimension_settings(key: str, raw: Any) -> dict[str, str]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, "must be a table of dimension name → dotted field path")
+    if len(raw) > MAX_DIMENSIONS:
+        raise ConfigError(key, f"at most {MAX_DIMENSIONS} dimensions")
+    out: dict[str, str] = {}
+    for name, path in raw.items():
+        if not isinstance(name, str) or not is_recognised_dimension(name):
+            raise ConfigError(
+                f"{key}.{name}", "not a recognised dimension (custom:, tag:, k8s_label: or built-in)"
+            )
+        out[name] = _path_setting(f"{key}.{name}", path)
+    return out
+
+
+def split_path(path: str, key: str = "path") -> Path:
+    """`"customer.id"` → `("customer", "id")`; an empty segment is a ConfigError naming `key`."""
+    parts = tuple(path.split("."))
+    if not all(parts):
+        raise ConfigError(key, f"empty segment in field path {path!r}")
+    return parts
+
+
+def lookup(obj: Any, path: Path) -> Any:
+    """The value at `path`, or None when a step is missing or not an object."""
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def dimension_values(raw: Any) -> list[str] | None:
+    """A mapped dimension's values: a string or integer becomes a one-value list; None means absent."""
+    if raw is None:
+        return None
+    if type(raw) is list:
+        return [_dimension_scalar(v) for v in raw]
+    return [_dimension_scalar(raw)]
+
+
+def _dimension_scalar(raw: Any) -> str:
+    if type(raw) is str:
+        return raw
+    if type(raw) is int:  # ids are often numbers in producers' schemas; bool is not an int here
+        return str(raw)
+    raise InvalidEvent(
+        "invalid_filter", f"a mapped dimension value must be a string or integer, not {type(raw).__name__}"
+    )
+
+
+def timestamp_ms(raw: Any, fmt: str) -> int:
+    """Event time in epoch milliseconds UTC, read as `fmt` (one of TIMESTAMP_FORMATS)."""
+    if type(raw) is str:
+        if fmt == "auto" or fmt == "iso":
+            ms = _iso_ms(raw)
+        elif _EPOCH_STRING.fullmatch(raw):
+            ms = _epoch_ms(Decimal(raw), fmt == "epoch_ms")
+        else:
+            raise InvalidEvent("invalid_timestamp", f"not an epoch number: {raw[:40]!r}")
+    elif type(raw) is int or type(raw) is float:
+        if fmt == "iso":
+            raise InvalidEvent("invalid_timestamp", "expected an ISO 8601 string")
+        in_ms = fmt == "epoch_ms" or (fmt == "auto" and abs(raw) >= _AUTO_MS_FROM)
+        ms = _epoch_ms(raw, in_ms)
+    else:
+        raise InvalidEvent("invalid_timestamp", f"expected a string or number, not {type(raw).__name__}")
+    if not MIN_TIMESTAMP_MS <= ms <= MAX_TIMESTAMP_MS:
+        raise InvalidEvent("invalid_timestamp", "outside the years 1 to 9999")
+    return ms
+
+
+def _iso_ms(text: str) -> int:
+    try:
+        ts = datetime.fromisoformat(text)  # the fast path: Python 3.11 reads "Z" itself
+    except ValueError:
+        try:
+            ts = parse_timestamp(text)  # the API's rule, for what fromisoformat alone refuses ("z", spaces)
+        except (RecordError, OverflowError):
+            raise InvalidEvent("invalid_timestamp", f"not ISO 8601: {text[:40]!r}") from None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)  # no offset means UTC, as the API reads it
+    return (ts - _EPOCH) // _ONE_MS  # integer arithmetic: a float timestamp() could be off by a millisecond
+
+
+def _epoch_ms(n: int | float | Decimal, in_ms: bool) -> int:
+    limit = MAX_TIMESTAMP_MS if in_ms else MAX_TIMESTAMP_MS // 1000 + 1
+    if not -limit <= n <= limit:  # checked first: n * 1000 could overflow a float
+        raise InvalidEvent("invalid_timestamp", "outside the years 1 to 9999")
+    if type(n) is int:
+        return n if in_ms else n * 1000
+    scaled = n if in_ms else n * 1000
+    if isinstance(scaled, Decimal):
+        return int(scaled.to_integral_value(ROUND_HALF_EVEN))
+    return round(scaled)  # to the nearest millisecond, half to even like Decimal
