@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
 from allocd.cloudzero.apikey import ApiKey
 from allocd.cloudzero.client import ClientConfig, CloudZeroClient
@@ -49,7 +50,7 @@ def make_key(settings: Settings) -> ApiKey:
     return ApiKey.from_file(api.api_key_file) if api.api_key_file else ApiKey.from_env(api.api_key_env)
 
 
-def make_client(settings: Settings, key: ApiKey, metrics: Metrics) -> CloudZeroClient:
+def make_client(settings: Settings, key: ApiKey, observer: Any) -> CloudZeroClient:
     api = settings.api
     config = ClientConfig(
         base_url=api.base_url,
@@ -59,7 +60,40 @@ def make_client(settings: Settings, key: ApiKey, metrics: Metrics) -> CloudZeroC
         request_timeout=api.request_timeout,
         retry_deadline=api.retry_deadline,
     )
-    return CloudZeroClient(config, key, observer=metrics)
+    return CloudZeroClient(config, key, observer=observer)
+
+
+def checkpoint_topic_configs(settings: Settings) -> dict[str, str]:
+    """Every completed cycle rewrites the checkpoint of each owned partition, and a cycle happens at least
+    every max_flush_interval while data flows, so a week — or three intervals — keeps the latest one of
+    every partition; an idle partition falls back to its group commit, which equals its checkpoint."""
+    week_ms = 7 * 86_400_000
+    retention = max(week_ms, int(3 * settings.pipeline.max_flush_interval_seconds * 1000))
+    return {"retention.ms": str(retention), "cleanup.policy": "delete"}
+
+
+class BeatingObserver:
+    """The client's observer: metrics, plus a liveness beat per request or retry — a request that retries
+    through an API outage is progress, not a stuck loop (/healthz must not fail on an outage)."""
+
+    def __init__(self, metrics: Metrics, health: Health) -> None:
+        self.metrics = metrics
+        self.health = health
+
+    def on_request(self, op: str, status: int | None, records: int, seconds: float) -> None:
+        self.health.beat("flush")
+        self.metrics.on_request(op, status, records, seconds)
+
+    def on_retry(self, op: str, reason: str) -> None:
+        self.health.beat("flush")
+        self.metrics.on_retry(op, reason)
+
+    def on_in_doubt(self, op: str, records: int) -> None:
+        self.metrics.on_in_doubt(op, records)
+
+    def on_rate_wait(self, seconds: float) -> None:
+        self.health.beat("flush")
+        self.metrics.on_rate_wait(seconds)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
@@ -107,10 +141,14 @@ async def run(settings: Settings, *, port_file: str | None = None, stop: asyncio
         os.replace(port_file + ".tmp", port_file)
     k = settings.kafka
     if k.create_topics:
-        await ensure_topics(k, {k.checkpoint_topic: 1, k.dlq_topic: 1})
+        await ensure_topics(
+            k,
+            {k.checkpoint_topic: 1, k.dlq_topic: 1},
+            {k.checkpoint_topic: checkpoint_topic_configs(settings)},
+        )
     producer = make_producer(k)
     await producer.start()
-    client = make_client(settings, key, metrics)
+    client = make_client(settings, key, BeatingObserver(metrics, health))
     source = KafkaSource(k)
     pipeline = Pipeline(
         settings.pipeline,

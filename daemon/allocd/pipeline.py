@@ -14,9 +14,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from allocd.cloudzero.client import CloudZeroClient
 from allocd.cloudzero.records import (
@@ -34,6 +34,8 @@ from allocd.sources.base import DeadLetters, LostOwnership, Message, Source
 from allocd.windows import TP, Accumulator, Snapshot, WindowKey, window_bounds
 
 __all__ = ["Pipeline"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("allocd.pipeline")
 
@@ -378,7 +380,7 @@ class Pipeline:
         if not snap.cell_count:
             return "completed"
         # Step 1
-        cid = await self.journal.cycle_started(snap)
+        cid = await self._journaled(lambda: self.journal.cycle_started(snap))
         # Step 2
         for n, req in enumerate(self._requests(snap)):
             await self._deliver(cid, n, req)
@@ -398,7 +400,7 @@ class Pipeline:
                 tp: PartitionState(s.position, dict(s.marks), dict(s.skips)) for tp, s in self.parts.items()
             }
         # Step 4
-        await self.journal.checkpoint(states)
+        await self._journaled(lambda: self.journal.checkpoint(states))
         # Step 5
         try:
             await self.source.commit(positions)
@@ -443,14 +445,15 @@ class Pipeline:
         """Send one request until every record is settled; journal before and after each answer. Raise
         _Abandoned when told to stop: what was acknowledged is journaled first, and what may have been
         applied without an answer is left in doubt (no `fail` entry), to be counted by whoever recovers."""
-        await self.journal.request_sent(cid, n, req.cells)
+        await self._journaled(lambda: self.journal.request_sent(cid, n, req.cells))
         remaining = list(range(len(req.records)))
         doubt = False
         delay = 1.0
         while remaining:
+            self.health.beat("flush")  # a cycle can span hours at 100 records/s: each request is progress
             if self.stop_sending.is_set():
                 if not doubt:
-                    await self.journal.request_failed(cid, n)
+                    await self._journaled(lambda: self.journal.request_failed(cid, n))
                 raise _Abandoned
             records = [req.records[i] for i in remaining]
             try:
@@ -470,7 +473,7 @@ class Pipeline:
                 log.error("the API refused records; they are in the DLQ", extra={"stream": req.stream})
             settled = [req.cells[i] for i in delivered] + [req.cells[i] for i, _ in rejected]
             if settled:
-                await self.journal.request_settled(cid, n, settled)
+                await self._journaled(lambda s=settled: self.journal.request_settled(cid, n, s))
             remaining = [remaining[i] for i in out.pending]
             if remaining and out.error is not None:
                 await self._wait_after(out.error, delay)
@@ -486,6 +489,21 @@ class Pipeline:
         else:
             log.warning("request still failing after retries; trying again", extra={"error": str(exc)})
         await self._interruptible_sleep(delay)
+
+    async def _journaled(self, write: Callable[[], Awaitable[T]]) -> T:
+        """Write to the journal, retrying while it is unavailable: sending waits meanwhile (an
+        acknowledgement that cannot be recorded is a future double, §2.3). Gives up only when abandoned."""
+        delay = 0.2
+        while True:
+            try:
+                return await write()
+            except Exception as exc:  # the store's error, whatever the backend
+                log.error("journal write failed; delivery waits", extra={"error": repr(exc)})
+            if self.abandoning and self.stop_sending.is_set():
+                raise _Abandoned
+            self.health.beat("flush")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _interruptible_sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

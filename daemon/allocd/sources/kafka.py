@@ -53,13 +53,19 @@ def connection_options(s: KafkaSettings) -> dict[str, Any]:
     return opts
 
 
-async def ensure_topics(s: KafkaSettings, topics: dict[str, int]) -> None:
-    """Create the given topics (name → partitions) when missing; existing ones are left as they are."""
+async def ensure_topics(
+    s: KafkaSettings, topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None
+) -> None:
+    """Create the given topics (name → partitions) when missing, with optional topic configs; existing ones
+    are left as they are."""
     admin = AIOKafkaAdminClient(**connection_options(s))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
+        configs = configs or {}
+        new = [
+            NewTopic(t, n, 1, topic_configs=configs.get(t)) for t, n in topics.items() if t not in existing
+        ]
         if new:
             try:
                 await admin.create_topics(new)
@@ -179,9 +185,16 @@ class KafkaSource:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             raise LostOwnership(str(exc)) from exc
+        except KafkaError as exc:  # the group commit only feeds lag tools; the checkpoint is the authority
+            log.warning("group commit failed", extra={"error": repr(exc)})
 
     async def end_offsets(self, tps: list[TP]) -> dict[TP, int]:
+        """The high watermark from fetch responses where known (some brokers' ListOffsets under-report),
+        else ListOffsets."""
         assert self.consumer is not None
+        known = {tp: self.consumer.highwater(TopicPartition(*tp)) for tp in tps}
+        if all(hw is not None for hw in known.values()):
+            return {tp: int(hw) for tp, hw in known.items() if hw is not None}
         try:
             ends = await self.consumer.end_offsets([TopicPartition(*tp) for tp in tps])
         except KafkaError:
