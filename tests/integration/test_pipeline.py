@@ -451,3 +451,46 @@ async def test_revoked_key_pauses_delivery_and_resumes_without_loss(stack: Stack
     assert metric_value(text, "allocd_api_auth_failures_total") >= 1
     assert metric_value(text, "allocd_dlq_writes_total") == 0
     assert "key-c" not in d.log_tail(10**7) and "key-b" not in d.log_tail(10**7)
+
+
+async def test_records_the_api_refuses_go_to_the_dlq_and_the_rest_is_delivered(stack: Stack) -> None:
+    """The stream already exists with another dimension set (fixed at its first write): the API refuses
+    that stream's records for good; they are dead-lettered with the API's message, the rest delivered."""
+    url = f"{stack.emulator.url}/unit-cost/v1/telemetry/allocation/search-usage/sum"
+    first = {
+        "timestamp": "2020-01-25T00:00:00Z",
+        "granularity": "HOURLY",
+        "element_name": "setup",
+        "filter": {"tag:owner": ["x"]},
+        "value": "1",
+    }
+    async with stack.session.post(url, json={"records": [first]}, headers={"Authorization": "key-a"}) as r:
+        assert r.status == 200
+    d = stack.daemon("a", window_seconds=2, grace_seconds=0.5)
+    d.start()
+    await stack.ready(d)
+    gen = Generator(seed=12)
+    await produce(stack.broker.bootstrap, stack.topic, gen.batch(300))
+    billing = {k: v for k, v in gen.expected().items() if k[0] == "billing-usage"}
+    refused = len({k for k in gen.expected() if k[0] == "search-usage"})
+
+    async def delivered() -> bool:
+        got = await emulator_totals(stack.session, stack.emulator.url)
+        return {k: v for k, v in got.items() if k[0] == "billing-usage"} == billing
+
+    await wait_for(delivered, 60, "billing-usage delivered")
+    dlq = f"{stack.group}-dlq"
+
+    async def dead_lettered() -> bool:
+        return len(await consume_all(stack.broker.bootstrap, dlq, {0: 1}, timeout=2)) >= 1
+
+    await wait_for(dead_lettered, 30, "refused records in the DLQ")
+    text = await d.metrics(stack.session)
+    assert metric_value(text, "allocd_dlq_writes_total", kind="record") >= refused
+    records = await consume_all(
+        stack.broker.bootstrap, dlq, {0: int(metric_value(text, "allocd_dlq_writes_total"))}
+    )
+    headers = dict(records[0].headers)
+    assert headers["allocd-reason"] == b"api_rejected"
+    assert headers["allocd-stream"] == b"search-usage"
+    assert b"same filter keys" in headers["allocd-detail"]
