@@ -122,6 +122,10 @@ async def _lag_loop(source: Source, pipeline: Pipeline, metrics: Metrics, every:
 
 
 async def run(settings: Settings, *, port_file: str | None = None, stop: asyncio.Event | None = None) -> int:
+    if settings.sidecar.enabled:
+        from allocd.sidecar import run_sidecar  # imports this module's helpers
+
+        return await run_sidecar(settings, port_file=port_file, stop=stop)
     stop = stop or asyncio.Event()
     install_signal_handlers(stop)
     key = make_key(settings)
