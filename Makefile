@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/allocd demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint tools
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -25,5 +25,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --minutes 10
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .tools
+
+include mk/deploy.mk

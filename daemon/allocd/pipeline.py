@@ -92,6 +92,7 @@ class Pipeline:
         self.paused = False
         self.stopping = False
         self.last_full_cut = clock()
+        self.reopened: set[WindowKey] = set()  # closed windows that late events opened again (deltas)
         self._deliver_task: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -199,6 +200,7 @@ class Pipeline:
                 dropped = len(self.pending) + (1 if len(self.acc) else 0)
                 self.pending.clear()
                 self.acc.clear()
+                self.reopened.clear()
                 self.parts.clear()
                 self.next_offset.clear()
                 self._set_paused(False)
@@ -230,7 +232,9 @@ class Pipeline:
         next_offset = self.next_offset
         acc = self.acc
         override_ms = self.acc.override_ms
-        now_ms = int(self.clock() * 1000)
+        # Late is judged like closing (§3), against what the source has read too: a backlog is not late.
+        horizon = min(self.clock() * 1000, self.source.frontier_ms())
+        reopened = self.reopened
         grace_ms = int(self.s.grace_seconds * 1000)
         rejected: list[tuple[Message, str, str]] = []
         accepted: dict[str, int] = {}
@@ -253,7 +257,8 @@ class Pipeline:
                 if state.should_skip(msg.offset, wk, (ev.stream, start, ev.element, ev.filter)):
                     skipped += 1
                     continue
-            if end + grace_ms <= now_ms and wk not in acc.windows:
+            if wk in reopened or (end + grace_ms <= horizon and wk not in acc.windows):
+                reopened.add(wk)  # every event of a re-opened window is late, not only its first
                 late[ev.stream] = late.get(ev.stream, 0) + 1
             acc.add_cell(wk, end, ev.granularity, ev.element, ev.filter, ev.value, tp, msg.offset)
             accepted[ev.stream] = accepted.get(ev.stream, 0) + 1
@@ -326,6 +331,7 @@ class Pipeline:
     def _cut(self, snap: Snapshot) -> None:
         if snap.trigger != "closed":
             self.last_full_cut = self.clock()
+        self.reopened.difference_update(snap.windows)
         self.pending.append(snap)
         self.work.set()
         log.debug("snapshot cut", extra={"trigger": snap.trigger, "cells": snap.cell_count})
@@ -457,7 +463,9 @@ class Pipeline:
                 raise _Abandoned
             records = [req.records[i] for i in remaining]
             try:
-                out = await self.client.send_request(req.stream, Op.SUM, records, stop=self.stop_sending)
+                out = await self._beating(
+                    self.client.send_request(req.stream, Op.SUM, records, stop=self.stop_sending)
+                )
             except (AuthError, TransientError) as exc:
                 await self._wait_after(exc, delay)
                 delay = min(delay * 2, 60.0)
@@ -507,7 +515,19 @@ class Pipeline:
 
     async def _interruptible_sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop_sending.wait(), timeout=seconds)
+            await self._beating(asyncio.wait_for(self.stop_sending.wait(), timeout=seconds))
+
+    async def _beating(self, aw: Awaitable[T]) -> T:
+        """Await `aw`, beating liveness every second meanwhile: a request retrying through an API outage
+        (bounded by the client's timeouts and retry deadline) or a back-off is slow, not stuck (§2.7)."""
+        task = asyncio.ensure_future(aw)
+        try:
+            while not task.done():
+                self.health.beat("flush")
+                await asyncio.wait({task}, timeout=1.0)
+            return task.result()
+        finally:
+            task.cancel()  # a no-op once done; propagates our own cancellation
 
 
 def _record(start_ms: int, granularity: Granularity, element: str, flt: Any, value: Any) -> dict[str, Any]:

@@ -8,30 +8,23 @@ session_timeout_ms / 2 to complete a group join) and wait on conditions with dea
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from allocd.embedded import EmbeddedBroker, create_topics
+
+from .harness import Stack
 
 __all__ = ["EMULATOR_KEYS", "EmulatorHandle", "TopicFactory"]
 
 EMULATOR_KEYS = ("key-a", "key-b", "key-c")
 
 TopicFactory = Callable[..., Awaitable[str]]
-
-
-@pytest.fixture(scope="session")
-def broker() -> Iterator[EmbeddedBroker]:
-    """The session's broker; synchronous so it is bound to no event loop. Stopped by PID at the end."""
-    embedded = EmbeddedBroker()
-    embedded.start(timeout=30)
-    try:
-        yield embedded
-    finally:
-        embedded.stop(timeout=10)
 
 
 @pytest.fixture
@@ -72,3 +65,20 @@ async def emulator() -> AsyncIterator[EmulatorHandle]:
         yield EmulatorHandle(f"http://127.0.0.1:{bound_port(runner)}", runner)
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def stack(
+    broker: EmbeddedBroker, emulator: EmulatorHandle, topic_factory: TopicFactory, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    """A fresh topic (4 partitions) and group with its checkpoint and DLQ topics; daemons stopped after."""
+    topic = await topic_factory(partitions=4, prefix="usage")
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    await create_topics(broker.bootstrap, {f"{group}-ckpt": 1, f"{group}-dlq": 1})
+    async with aiohttp.ClientSession() as session:
+        s = Stack(broker, emulator, topic, tmp_path, session, group, [])
+        try:
+            yield s
+        finally:
+            for d in s.daemons:
+                await d.stop()

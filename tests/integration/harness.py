@@ -16,13 +16,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
 from allocd.cloudzero.records import canonical_filter
-from allocd.embedded import Message, produce
+from allocd.embedded import EmbeddedBroker, Message, produce
+
+if TYPE_CHECKING:
+    from .conftest import EmulatorHandle
 
 TruthKey = tuple[str, str, str, tuple[Any, ...]]  # (stream, hour "…Z", element, canonical filter)
 
@@ -148,12 +151,19 @@ def daemon_config(
     flush_on_shutdown: bool = False,
     shutdown_timeout: float = 10,
     session_timeout_ms: int = 2000,
+    retry_deadline: float = 20,
+    max_pending_snapshots: int | None = None,
+    max_open_keys: int | None = None,
+    liveness_timeout: float | None = None,
     extra: str = "",
 ) -> str:
+    """A daemon's TOML. Optional settings left as None are not written (the daemon's defaults apply)."""
     streams = "\n".join(
         f'[events.streams.{name}]\ngranularity = "HOURLY"\ndimensions = {list(dims)!r}\n'.replace("'", '"')
         for name, dims in STREAMS.items()
     )
+    pipeline = _optional(max_pending_snapshots=max_pending_snapshots, max_open_keys=max_open_keys)
+    server = _optional(liveness_timeout_seconds=liveness_timeout)
     return f"""
 [kafka]
 bootstrap_servers = "{bootstrap}"
@@ -171,7 +181,7 @@ api_key_file = "{key_file}"
 records_per_request = {records_per_request}
 records_per_second = {records_per_second}
 request_timeout = 5
-retry_deadline = 20
+retry_deadline = {retry_deadline}
 
 [pipeline]
 window_seconds = {window_seconds}
@@ -179,18 +189,24 @@ grace_seconds = {grace_seconds}
 tick_seconds = 0.1
 flush_on_shutdown = {str(flush_on_shutdown).lower()}
 shutdown_timeout_seconds = {shutdown_timeout}
+{pipeline}
 
 [server]
 host = "127.0.0.1"
 port = 0
 log_level = "INFO"
 assignment_grace_seconds = 0
+{server}
 {extra}
 [events]
 undeclared = "reject"
 
 {streams}
 """
+
+
+def _optional(**settings: float | None) -> str:
+    return "".join(f"{k} = {v}\n" for k, v in settings.items() if v is not None)
 
 
 class DaemonProcess:
@@ -304,3 +320,84 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += float(value)
     return total
+
+
+@dataclass
+class Stack:
+    """One test's world: the session broker, the emulator, a fresh 4-partition topic and consumer group (with
+    its checkpoint and DLQ topics), and the daemons the test starts (stopped by the `stack` fixture)."""
+
+    broker: EmbeddedBroker
+    emulator: EmulatorHandle
+    topic: str
+    workdir: Path
+    session: aiohttp.ClientSession
+    group: str
+    daemons: list[DaemonProcess]
+
+    def daemon(self, name: str, key: str = "key-a", **options: Any) -> DaemonProcess:
+        key_file = self.workdir / f"{name}.key"
+        key_file.write_text(key)
+        config = daemon_config(
+            bootstrap=self.broker.bootstrap,
+            topic=self.topic,
+            api_url=self.emulator.url,
+            key_file=key_file,
+            group=self.group,
+            checkpoint_topic=f"{self.group}-ckpt",
+            dlq_topic=f"{self.group}-dlq",
+            **options,
+        )
+        d = DaemonProcess(config, self.workdir, name)
+        self.daemons.append(d)
+        return d
+
+    async def ready(self, *daemons: DaemonProcess, partitions: int = 4) -> None:
+        """Wait until the group's members hold all partitions between them (readiness = assigned)."""
+
+        async def check() -> bool:
+            for d in daemons:
+                async with self.session.get(f"http://127.0.0.1:{await d.port()}/readyz") as resp:
+                    if resp.status != 200:
+                        return False
+            return True
+
+        await wait_for(check, 60, "daemons ready with partitions assigned")
+
+    async def totals_equal(self, expected: dict[TruthKey, Decimal], timeout: float = 90) -> None:
+        last: dict[TruthKey, Decimal] = {}
+
+        async def check() -> bool:
+            nonlocal last
+            last = await emulator_totals(self.session, self.emulator.url)
+            return last == expected
+
+        try:
+            await wait_for(check, timeout, "emulator totals to equal ground truth")
+        except AssertionError:
+            diff = {k: (expected.get(k), last.get(k)) for k in set(expected) | set(last)}
+            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+            logs = "\n".join(d.log_tail(3000) for d in self.daemons)
+            raise AssertionError(f"{len(diff)} cells differ, e.g. {list(diff.items())[:5]}\n{logs}") from None
+
+    async def records_sent(self) -> int:
+        reqs = await emulator_requests(self.session, self.emulator.url)
+        return sum(r["records"] for r in reqs if r["status"] == 200)
+
+    async def set_hook(self, **hook: object) -> None:
+        async with self.session.post(f"{self.emulator.url}/_admin/hooks", json={"hooks": [hook]}) as resp:
+            assert resp.status == 200, await resp.text()
+
+    async def set_faults(self, **faults: object) -> None:
+        """Replace the emulator's injected faults (none given: clear them)."""
+        async with self.session.post(f"{self.emulator.url}/_admin/faults", json=faults) as resp:
+            assert resp.status == 200, await resp.text()
+
+    async def set_keys(self, *keys: str) -> None:
+        async with self.session.post(f"{self.emulator.url}/_admin/keys", json={"keys": list(keys)}) as resp:
+            assert resp.status == 200, await resp.text()
+
+    async def probe(self, d: DaemonProcess, path: str) -> int:
+        """The HTTP status of /healthz or /readyz."""
+        async with self.session.get(f"http://127.0.0.1:{await d.port()}{path}") as resp:
+            return resp.status

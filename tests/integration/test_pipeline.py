@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 
-import aiohttp
 import pytest
 
 from allocd.cloudzero.records import canonical_filter
-from allocd.embedded import EmbeddedBroker, Message, consume_all, create_topics, produce
+from allocd.embedded import Message, consume_all, produce
 
-from .conftest import EmulatorHandle, TopicFactory
 from .harness import (
-    DaemonProcess,
     Generator,
-    daemon_config,
+    Stack,
     emulator_requests,
     emulator_totals,
     metric_value,
@@ -33,86 +27,6 @@ from .harness import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-@dataclass
-class Stack:
-    broker: EmbeddedBroker
-    emulator: EmulatorHandle
-    topic: str
-    workdir: Path
-    session: aiohttp.ClientSession
-    group: str
-    daemons: list[DaemonProcess]
-
-    def daemon(self, name: str, key: str = "key-a", **options: object) -> DaemonProcess:
-        key_file = self.workdir / f"{name}.key"
-        key_file.write_text(key)
-        config = daemon_config(
-            bootstrap=self.broker.bootstrap,
-            topic=self.topic,
-            api_url=self.emulator.url,
-            key_file=key_file,
-            group=self.group,
-            checkpoint_topic=f"{self.group}-ckpt",
-            dlq_topic=f"{self.group}-dlq",
-            **options,  # type: ignore[arg-type]
-        )
-        d = DaemonProcess(config, self.workdir, name)
-        self.daemons.append(d)
-        return d
-
-    async def ready(self, *daemons: DaemonProcess, partitions: int = 4) -> None:
-        """Wait until the group's members hold all partitions between them (readiness = assigned)."""
-
-        async def check() -> bool:
-            for d in daemons:
-                async with self.session.get(f"http://127.0.0.1:{await d.port()}/readyz") as resp:
-                    if resp.status != 200:
-                        return False
-            return True
-
-        await wait_for(check, 60, "daemons ready with partitions assigned")
-
-    async def totals_equal(self, expected: dict, timeout: float = 90) -> None:
-        last: dict = {}
-
-        async def check() -> bool:
-            nonlocal last
-            last = await emulator_totals(self.session, self.emulator.url)
-            return last == expected
-
-        try:
-            await wait_for(check, timeout, "emulator totals to equal ground truth")
-        except AssertionError:
-            diff = {k: (expected.get(k), last.get(k)) for k in set(expected) | set(last)}
-            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-            logs = "\n".join(d.log_tail(3000) for d in self.daemons)
-            raise AssertionError(f"{len(diff)} cells differ, e.g. {list(diff.items())[:5]}\n{logs}") from None
-
-    async def records_sent(self) -> int:
-        reqs = await emulator_requests(self.session, self.emulator.url)
-        return sum(r["records"] for r in reqs if r["status"] == 200)
-
-    async def set_hook(self, **hook: object) -> None:
-        async with self.session.post(f"{self.emulator.url}/_admin/hooks", json={"hooks": [hook]}) as resp:
-            assert resp.status == 200, await resp.text()
-
-
-@pytest.fixture
-async def stack(
-    broker: EmbeddedBroker, emulator: EmulatorHandle, topic_factory: TopicFactory, tmp_path: Path
-):
-    topic = await topic_factory(partitions=4, prefix="usage")
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    await create_topics(broker.bootstrap, {f"{group}-ckpt": 1, f"{group}-dlq": 1})
-    async with aiohttp.ClientSession() as session:
-        s = Stack(broker, emulator, topic, tmp_path, session, group, [])
-        try:
-            yield s
-        finally:
-            for d in s.daemons:
-                await d.stop()
 
 
 def _window_aligned_wait(window: int, slack: float = 0.3) -> float:
