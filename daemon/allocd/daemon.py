@@ -28,6 +28,7 @@ from allocd.sources.kafka import (
     ensure_topics,
     make_producer,
 )
+from allocd.webserver import write_port_file
 
 __all__ = ["add_arguments", "run", "run_command"]
 
@@ -140,9 +141,7 @@ async def run(settings: Settings, *, port_file: str | None = None, stop: asyncio
     health.set_condition("api_key", True, "")
     runner = await start_http_server(metrics, health, settings.server.host, settings.server.port)
     if port_file:
-        with open(port_file + ".tmp", "w") as fh:
-            fh.write(str(bound_port(runner)))
-        os.replace(port_file + ".tmp", port_file)
+        write_port_file(port_file, bound_port(runner))
     k = settings.kafka
     if k.create_topics:
         await ensure_topics(

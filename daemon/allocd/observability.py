@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import Metric
 
 from allocd import __version__
 from allocd.cloudzero.records import RATE_BURST_RECORDS, Op
+from allocd.webserver import bound_port, start_app
 
 __all__ = [
     "CONTENT_TYPE",
@@ -536,16 +537,4 @@ async def start_http_server(
     extra_routes: Iterable[web.AbstractRouteDef] | None = None,
 ) -> web.AppRunner:
     """Serve `make_app` on host:port (0 picks a free port, see `bound_port`). Stop with `runner.cleanup()`."""
-    runner = web.AppRunner(make_app(metrics, health, extra_routes=extra_routes), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
-
-
-def bound_port(runner: web.AppRunner) -> int:
-    """The port a started runner listens on (the answer to port 0)."""
-    return int(runner.addresses[0][1])
+    return await start_app(make_app(metrics, health, extra_routes=extra_routes), host, port)

@@ -36,6 +36,7 @@ from allocd.pipeline import Pipeline
 from allocd.sources.files import FileDeadLetters, FileJournalStore
 from allocd.sources.http import SPOOL_TP, HttpSource, SidecarMetrics
 from allocd.sources.spool import Spool
+from allocd.webserver import write_port_file
 from allocd.windows import TP
 
 __all__ = [
@@ -102,12 +103,6 @@ def _read_secret(path: str) -> str | None:
     return secret
 
 
-def _write_port(path: str, port: int) -> None:
-    with open(path + ".tmp", "w") as fh:
-        fh.write(str(port))
-    os.replace(path + ".tmp", path)
-
-
 async def _stop_sequence(
     stop: asyncio.Event, source: HttpSource, pipeline_stop: asyncio.Event, drain_budget: float
 ) -> None:
@@ -168,8 +163,8 @@ async def run_sidecar(
         cleanup.append(runner.cleanup)
         ingest_port = await source.listen()
         if port_file:
-            _write_port(port_file + INGEST_PORT_SUFFIX, ingest_port)
-            _write_port(port_file, bound_port(runner))
+            write_port_file(port_file + INGEST_PORT_SUFFIX, ingest_port)
+            write_port_file(port_file, bound_port(runner))
         client = daemon.make_client(settings, key, metrics)
         cleanup.append(client.close)
         timeout = settings.pipeline.shutdown_timeout_seconds

@@ -74,6 +74,7 @@ from allocd.cloudzero.records import (
     validate_stream_name,
 )
 from allocd.errors import ConfigError
+from allocd.webserver import bound_port, start_app, write_port_file
 
 __all__ = [
     "EMULATOR_KEY",
@@ -564,18 +565,7 @@ async def serve(
 ) -> web.AppRunner:
     """Start listening and return the running runner (`bound_port(runner)` tells the port; 0 picks one).
     Stop it with `await runner.cleanup()`."""
-    runner = web.AppRunner(create_app(config, clock=clock), handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
-
-
-def bound_port(runner: web.AppRunner) -> int:
-    return int(runner.addresses[0][1])
+    return await start_app(create_app(config, clock=clock), host, port, handle_signals=False)
 
 
 # Which command-line option a config or fault field comes from, so errors name what the user typed.
@@ -651,13 +641,6 @@ def _setup_logging() -> None:
     log.setLevel(logging.INFO)
 
 
-def _write_port_file(path: str, port: int) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(f"{port}\n")
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
 async def run_command(args: argparse.Namespace) -> int:
     """`allocd emulator`: serve until SIGTERM or SIGINT, then stop cleanly and return 0."""
     config = config_from_args(args)
@@ -672,7 +655,7 @@ async def run_command(args: argparse.Namespace) -> int:
         try:
             port = bound_port(runner)
             if args.port_file:
-                _write_port_file(args.port_file, port)
+                write_port_file(args.port_file, port)
             admin = "on" if config.admin else "off"
             log.info(
                 "CloudZero API emulator on http://%s:%d (admin %s, %d keys)",

@@ -34,6 +34,7 @@ from allocd.observability import Metrics
 from allocd.sources.base import AssignmentListener, Message
 from allocd.sources.files import FileDeadLetters
 from allocd.sources.spool import FRAME_OVERHEAD, RecoveryReport, Spool, SpoolClosed, SpoolError, SpoolFull
+from allocd.webserver import bound_port, start_app
 from allocd.windows import TP
 
 __all__ = ["SPOOL_TP", "HttpSource", "SidecarMetrics", "split_events"]
@@ -238,15 +239,9 @@ class HttpSource:
 
     async def listen(self) -> int:
         """Serve POST /v1/events on sidecar.host:sidecar.port; return the bound port (0 picks a free one)."""
-        runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.s.host, self.s.port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_app(self.make_app(), self.s.host, self.s.port, shutdown_timeout=2.0)
         self._runner = runner
-        port = int(runner.addresses[0][1])
+        port = bound_port(runner)
         log.info("ingest listening", extra={"host": self.s.host, "port": port})
         return port
 
