@@ -46,7 +46,7 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # text/plain; version=0.0.4; charset=ut
 
 # Closed label sets: checked on use so a typo cannot grow a new series, and pre-created so rate() and
 # increase() see a zero before the first event (a counter born at 1 shows no increase).
-FLUSH_TRIGGERS = ("closed", "max_interval", "key_cap", "memory_cap", "shutdown")
+FLUSH_TRIGGERS = ("closed", "max_interval", "key_cap", "memory_cap", "source_cap", "shutdown")
 FLUSH_OUTCOMES = ("completed", "abandoned", "failed")
 DLQ_KINDS = ("event", "record")
 

@@ -315,6 +315,8 @@ class Pipeline:
             return "key_cap"
         if self.acc.memory_estimate() >= self.s.max_memory_bytes:
             return "memory_cap"
+        if self.source.wants_flush():
+            return "source_cap"
         if self.clock() - self.last_full_cut >= self.s.max_flush_interval_seconds:
             return "max_interval"
         if self._closed():

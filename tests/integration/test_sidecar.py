@@ -440,3 +440,30 @@ async def test_invalid_events_are_reported_by_index_and_dead_lettered(env: Env) 
     assert metric_value(text, "allocd_events_rejected_total", reason="not_json") == 1
     await stop_cleanly(sidecar)
     assert (env.spool_dir / JOURNAL_FILE).exists()
+
+
+async def test_spool_near_full_forces_delivery_of_open_windows(env: Env) -> None:
+    """Hourly windows never close during the test, yet producers write several spools' worth: a nearly
+    full spool forces a cycle, committed segments are deleted, and nothing is refused for long."""
+    sidecar = env.sidecar("a", window_seconds=0, grace_seconds=300, max_spool_bytes=64 * 1024)
+    url = await sidecar.ingest_url()
+    rng = random.Random(11)
+    truth = Truth()
+    for _ in range(80):
+        events = [make_event(rng, f"cust-{rng.randrange(5)}") for _ in range(10)]
+        body = encode(events, rng)
+        deadline = time.monotonic() + 30
+        while True:
+            status, _, headers = await env.post(url, body)
+            if status == 202:
+                break
+            assert status == 503, status
+            assert time.monotonic() < deadline, "the spool never freed up"
+            await asyncio.sleep(min(float(headers["Retry-After"]), 0.2))
+        truth.add(events)
+    sent = sum(len(encode([e], rng)) for e in [make_event(rng, "x")]) * truth.events
+    assert sent > 2 * 64 * 1024  # more than the spool could ever hold at once
+    text = await sidecar.metrics(env.session)
+    assert metric_value(text, "allocd_flush_cycles_total", trigger="source_cap", outcome="completed") >= 1
+    await stop_cleanly(sidecar)
+    assert await env.totals() == truth.expected()

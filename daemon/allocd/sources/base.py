@@ -35,6 +35,10 @@ class AssignmentListener(Protocol):
 class Source(Protocol):
     name: str
 
+    def wants_flush(self) -> bool:
+        """True when the source's own buffer needs the open windows delivered early (the sidecar's spool
+        nearly full); a forced cycle, correct because sum is additive."""
+
     def frontier_ms(self) -> float:
         """Arrival time (ms) below which everything assigned has been read; math.inf when caught up. A
         window closes only when both the wall clock and this frontier passed its end plus grace, so a

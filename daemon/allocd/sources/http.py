@@ -186,6 +186,9 @@ def _answer(status: int, body: dict[str, Any], retry_after: str | None = None) -
     )
 
 
+SPOOL_FLUSH_FRACTION = 0.7  # of max_spool_bytes: beyond it a forced cycle frees committed segments
+
+
 class HttpSource:
     """The ingest listener plus the `Source` the pipeline reads: one partition, SPOOL_TP.
 
@@ -380,6 +383,11 @@ class HttpSource:
         self._position = records[-1][0] + 1
         self._seen_ms = max(self._seen_ms, max(arrival for _, arrival, _ in records))
         return [Message(SPOOL_TP, seq, arrival, raw) for seq, arrival, raw in records]
+
+    def wants_flush(self) -> bool:
+        """The spool is nearly full of data that open windows still hold: deliver early, so committed
+        segments can be deleted before producers see 503s (a window need not fit in the spool)."""
+        return self.spool.bytes_used >= SPOOL_FLUSH_FRACTION * self.spool.max_bytes
 
     def frontier_ms(self) -> float:
         """Arrival time below which everything has been read: the newest arrival handed out while a backlog

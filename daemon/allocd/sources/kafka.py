@@ -132,6 +132,9 @@ class KafkaSource:
                 self._seen_ms[key] = max(self._seen_ms.get(key, 0), max(r.timestamp for r in records))
         return out
 
+    def wants_flush(self) -> bool:
+        return False  # Kafka is the buffer: its retention, not allocd, bounds what is kept
+
     def frontier_ms(self) -> float:
         """Arrival time below which every assigned partition has been read: +inf for a partition that is
         caught up (next offset at the high watermark), else the newest record timestamp read from it."""
