@@ -51,6 +51,13 @@ def make_key(settings: Settings) -> ApiKey:
     return ApiKey.from_file(api.api_key_file) if api.api_key_file else ApiKey.from_env(api.api_key_env)
 
 
+def reload_key(key: ApiKey) -> bool:
+    """Re-read a rotated key (after a 403) and keep it out of the logs like the first one."""
+    changed = key.reload()
+    register_secret(key.get())
+    return changed
+
+
 def make_client(settings: Settings, key: ApiKey, observer: Any) -> CloudZeroClient:
     api = settings.api
     config = ClientConfig(
@@ -162,7 +169,7 @@ async def run(settings: Settings, *, port_file: str | None = None, stop: asyncio
         KafkaDeadLetters(k.dlq_topic, producer),
         metrics,
         health,
-        on_auth_failure=key.reload,
+        on_auth_failure=lambda: reload_key(key),
     )
     lag = asyncio.create_task(_lag_loop(source, pipeline, metrics))
     started = time.monotonic()

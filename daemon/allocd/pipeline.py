@@ -79,7 +79,7 @@ class Pipeline:
         self.clock = clock
         self.reload_key = on_auth_failure or (lambda: False)
         self.flush_on_shutdown = settings.flushes_on_shutdown(source.name != "kafka")
-        self.acc = Accumulator(settings.window_seconds * 1000)
+        self.acc = Accumulator(settings.window_seconds * 1000, clock=clock)
         self.parts: dict[TP, PartitionState] = {}
         self.next_offset: dict[TP, int] = {}
         self.pending: deque[Snapshot] = deque()
@@ -91,7 +91,6 @@ class Pipeline:
         self.abandoning = False
         self.paused = False
         self.stopping = False
-        self.last_full_cut = clock()
         self.reopened: set[WindowKey] = set()  # closed windows that late events opened again (deltas)
         self._deliver_task: asyncio.Task[None] | None = None
 
@@ -289,9 +288,8 @@ class Pipeline:
         return dict(self.next_offset)
 
     def _maybe_cut(self) -> None:
-        room = len(self.pending) < max(1, self.s.max_pending_snapshots) if not self.idle.is_set() else True
-        if self.s.max_pending_snapshots == 0 and not self.idle.is_set():
-            room = False
+        # An idle delivery loop takes the next snapshot at once, so it does not count against the queue.
+        room = len(self.pending) < self.s.max_pending_snapshots + (1 if self.idle.is_set() else 0)
         trigger = self._trigger()
         if trigger is None:
             self._set_paused(False)
@@ -309,7 +307,6 @@ class Pipeline:
 
     def _trigger(self) -> str | None:
         if not len(self.acc):
-            self.last_full_cut = self.clock()
             return None
         if len(self.acc) >= self.s.max_open_keys:
             return "key_cap"
@@ -317,8 +314,8 @@ class Pipeline:
             return "memory_cap"
         if self.source.wants_flush():
             return "source_cap"
-        if self.clock() - self.last_full_cut >= self.s.max_flush_interval_seconds:
-            return "max_interval"
+        if self.clock() - self.acc.oldest_opened() >= self.s.max_flush_interval_seconds:
+            return "max_interval"  # bounds how long an event waits in memory (and the offset lag)
         if self._closed():
             return "closed"
         return None
@@ -331,8 +328,6 @@ class Pipeline:
         return self.acc.closed(int(horizon), int(self.s.grace_seconds * 1000))
 
     def _cut(self, snap: Snapshot) -> None:
-        if snap.trigger != "closed":
-            self.last_full_cut = self.clock()
         self.reopened.difference_update(snap.windows)
         self.pending.append(snap)
         self.work.set()

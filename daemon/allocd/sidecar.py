@@ -177,7 +177,7 @@ async def run_sidecar(
             dead_letters,
             metrics,
             health,
-            on_auth_failure=key.reload,
+            on_auth_failure=lambda: daemon.reload_key(key),
         )
         pipeline_stop = asyncio.Event()
         tasks = [

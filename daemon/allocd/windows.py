@@ -8,7 +8,10 @@ from passing an undelivered event (DESIGN.md §2).
 from __future__ import annotations
 
 import calendar
+import math
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -53,12 +56,43 @@ def window_bounds(ts_ms: int, granularity: Granularity, override_ms: int = 0) ->
 
 @dataclass(slots=True)
 class WindowState:
-    """One open window: its cells and, per partition, the lowest offset of an event in it."""
+    """One open window: its cells and, per partition, the lowest offset of an event in it.
+
+    Cells are stored by filter, then element (`rows[filter][element]`): a window holds few distinct filters
+    and many elements, so a cell costs one dict slot and no key tuple, and an add hashes the filter once.
+    `cells` is the flat view, (element, filter) → sum.
+    """
 
     end_ms: int
     granularity: Granularity
-    cells: dict[tuple[str, CanonicalFilter], int | Decimal] = field(default_factory=dict)
+    opened_at: float = field(default=0.0, compare=False)  # wall-clock s of its first event (max interval)
+    rows: dict[CanonicalFilter, dict[str, int | Decimal]] = field(default_factory=dict)
     min_offsets: dict[TP, int] = field(default_factory=dict)
+    cell_count: int = 0
+    # The partition of the previous add: a run of one partition's events skips the min_offsets lookup.
+    last_tp: TP | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def cells(self) -> dict[tuple[str, CanonicalFilter], int | Decimal]:
+        """(element, filter) → sum, built on each call (for flush cycles and tests, not per event)."""
+        return {(element, flt): value for flt, row in self.rows.items() for element, value in row.items()}
+
+    def add(self, element: str, flt: CanonicalFilter, value: int | Decimal, tp: TP, offset: int) -> bool:
+        """Add `value` into the cell (element, flt); True when that opened a new cell."""
+        if tp is not self.last_tp:
+            if tp not in self.min_offsets:  # offsets rise within a partition: the first seen is the lowest
+                self.min_offsets[tp] = offset
+            self.last_tp = tp
+        row = self.rows.get(flt)
+        if row is None:
+            row = self.rows[flt] = {}
+        old = row.get(element)
+        if old is None:
+            row[element] = value
+            self.cell_count += 1
+            return True
+        row[element] = old + value
+        return False
 
 
 @dataclass(slots=True)
@@ -82,13 +116,14 @@ class Snapshot:
 
     @property
     def cell_count(self) -> int:
-        return sum(len(w.cells) for w in self.windows.values())
+        return sum(w.cell_count for w in self.windows.values())
 
     def cells(self) -> list[tuple[CellKey, Granularity, int | Decimal]]:
         out = []
         for (stream, start), w in self.windows.items():
-            for (element, flt), value in w.cells.items():
-                out.append(((stream, start, element, flt), w.granularity, value))
+            for flt, row in w.rows.items():
+                for element, value in row.items():
+                    out.append(((stream, start, element, flt), w.granularity, value))
         return out
 
 
@@ -100,10 +135,15 @@ CELL_BYTES_ESTIMATE = 200
 class Accumulator:
     """Sums event values into cells. Not thread-safe; the pipeline calls it from one task."""
 
-    def __init__(self, override_ms: int = 0) -> None:
+    def __init__(self, override_ms: int = 0, clock: Callable[[], float] = time.time) -> None:
         self.override_ms = override_ms
+        self.clock = clock
         self.windows: dict[WindowKey, WindowState] = {}
-        self.cell_count = 0
+
+    @property
+    def cell_count(self) -> int:
+        """Open cells: summed over the open windows (a handful), so adding never has to count."""
+        return sum(w.cell_count for w in self.windows.values())
 
     def add(
         self,
@@ -134,17 +174,16 @@ class Accumulator:
         """`add` for a caller that already computed the window (the pipeline needs it for the skip rule)."""
         w = self.windows.get(wk)
         if w is None:
-            w = self.windows[wk] = WindowState(end_ms, granularity)
-        if tp not in w.min_offsets:  # offsets rise within a partition: the first seen is the lowest
-            w.min_offsets[tp] = offset
-        ck = (element, flt)
-        cells = w.cells
-        old = cells.get(ck)
-        if old is None:
-            cells[ck] = value
-            self.cell_count += 1
-        else:
-            cells[ck] = old + value
+            w = self.windows[wk] = WindowState(end_ms, granularity, self.clock())
+        w.add(element, flt, value, tp, offset)
+
+    def window(self, wk: WindowKey, end_ms: int, granularity: Granularity) -> WindowState:
+        """The open window `wk`, created when missing: a caller with a run of events in one window adds them
+        through `WindowState.add` and looks the window up once."""
+        w = self.windows.get(wk)
+        if w is None:
+            w = self.windows[wk] = WindowState(end_ms, granularity, self.clock())
+        return w
 
     def closed(self, now_ms: int, grace_ms: int) -> list[WindowKey]:
         """Windows whose end plus grace has passed on the wall clock — also when no event came since."""
@@ -153,11 +192,14 @@ class Accumulator:
     def take(self, keys: list[WindowKey], boundary: dict[TP, int], trigger: str) -> Snapshot:
         """Remove whole windows and return them as a snapshot (cycles never take part of a window)."""
         taken = {wk: self.windows.pop(wk) for wk in keys}
-        self.cell_count -= sum(len(w.cells) for w in taken.values())
         return Snapshot(taken, dict(boundary), trigger)
 
     def take_all(self, boundary: dict[TP, int], trigger: str) -> Snapshot:
         return self.take(list(self.windows), boundary, trigger)
+
+    def oldest_opened(self) -> float:
+        """When the longest-held window received its first event (+inf when empty)."""
+        return min((w.opened_at for w in self.windows.values()), default=math.inf)
 
     def min_offsets(self) -> dict[TP, int]:
         out: dict[TP, int] = {}
@@ -172,7 +214,6 @@ class Accumulator:
 
     def clear(self) -> None:
         self.windows.clear()
-        self.cell_count = 0
 
     def __len__(self) -> int:
         return self.cell_count

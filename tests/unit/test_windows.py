@@ -245,3 +245,16 @@ def test_every_value_ends_up_in_exactly_one_cell(evs: list, take_mask: int) -> N
     for (wk, tp), off in lowest.items():
         held = snap if wk in snap.windows else rest
         assert held.windows[wk].min_offsets[tp] == off
+
+
+def test_oldest_opened_is_when_the_longest_held_window_got_its_first_event() -> None:
+    now = [100.0]
+    acc = Accumulator(clock=lambda: now[0])
+    assert acc.oldest_opened() == float("inf")
+    acc.add("s", Granularity.HOURLY, ms(2021, 3, 3, 3), "e", FLT, 1, TP0, 0)
+    now[0] = 200.0
+    acc.add("s", Granularity.HOURLY, ms(2021, 3, 3, 4), "e", FLT, 1, TP0, 1)
+    acc.add("s", Granularity.HOURLY, ms(2021, 3, 3, 3), "f", FLT, 1, TP0, 2)  # an old window: unchanged
+    assert acc.oldest_opened() == 100.0
+    acc.take([("s", window_bounds(ms(2021, 3, 3, 3), Granularity.HOURLY)[0])], {}, "closed")
+    assert acc.oldest_opened() == 200.0
