@@ -121,15 +121,25 @@ async def run_command(args: argparse.Namespace) -> int:
         key_file = workdir / "api-key"
         key_file.write_text(KEY)
         config = workdir / "allocd.toml"
+        port_file = workdir / "allocd.port"
         config.write_text(demo_config(broker.bootstrap, api_url, topic, str(key_file), args.window_seconds))
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "allocd.cli", "run", "--config", str(config)],
+            [
+                sys.executable,
+                "-m",
+                "allocd.cli",
+                "run",
+                "--config",
+                str(config),
+                "--port-file",
+                str(port_file),
+            ],
             stdout=open(workdir / "allocd.log", "wb"),
             stderr=subprocess.STDOUT,
         )
         print(f"  daemon    allocd run (pid {daemon.pid}), log {workdir / 'allocd.log'}")
         try:
-            return await _drive(args, broker.bootstrap, topic, api_url, stop, daemon)
+            return await _drive(args, broker.bootstrap, topic, api_url, stop, daemon, port_file)
         finally:
             _stop(daemon)
             await emulator.cleanup()
@@ -152,6 +162,7 @@ async def _drive(
     api_url: str,
     stop: asyncio.Event,
     daemon: subprocess.Popen[bytes],
+    port_file: Path,
 ) -> int:
     rng = random.Random(7)
     truth: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
@@ -181,10 +192,33 @@ async def _drive(
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
-    _print_table(truth, got)
+        _print_table(truth, got)
+        await _print_daemon_summary(session, port_file)
     ok = got == truth
     print("RESULT: totals match exactly" if ok else "RESULT: totals differ (or the demo was interrupted)")
     return 0 if ok or stop.is_set() else 1
+
+
+async def _print_daemon_summary(session: aiohttp.ClientSession, port_file: Path) -> None:
+    """What the daemon says it did, from its own /metrics."""
+    if not port_file.exists():
+        return
+    url = f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"
+    async with session.get(url) as resp:
+        text = await resp.text()
+    wanted = {
+        "allocd_events_consumed_total": "events consumed",
+        "allocd_events_accepted_total": "events accepted",
+        "allocd_events_rejected_total": "events dead-lettered",
+        "allocd_flush_cycles_total": "flush cycles",
+        "allocd_api_records_total": "records sent to the API",
+    }
+    totals = dict.fromkeys(wanted, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals and not line.startswith("#"):
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    print("allocd says: " + ", ".join(f"{label} {int(totals[name])}" for name, label in wanted.items()))
 
 
 def _print_table(
