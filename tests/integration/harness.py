@@ -123,6 +123,37 @@ async def emulator_requests(session: aiohttp.ClientSession, url: str) -> list[di
         return (await resp.json())["requests"]
 
 
+async def totals_become(
+    session: aiohttp.ClientSession,
+    url: str,
+    expected: dict[TruthKey, Decimal],
+    procs: list[DaemonProcess],
+    timeout: float,
+) -> None:
+    """Wait until the emulator's totals equal `expected` exactly; on failure show the differing cells
+    and the processes' log tails."""
+    last: dict[TruthKey, Decimal] = {}
+
+    async def check() -> bool:
+        nonlocal last
+        last = await emulator_totals(session, url)
+        return last == expected
+
+    try:
+        await wait_for(check, timeout, "emulator totals to equal ground truth")
+    except AssertionError:
+        diff = {k: (expected.get(k), last.get(k)) for k in set(expected) | set(last)}
+        diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+        logs = "\n".join(p.log_tail(3000) for p in procs)
+        raise AssertionError(f"{len(diff)} cells differ, e.g. {list(diff.items())[:5]}\n{logs}") from None
+
+
+async def records_applied(session: aiohttp.ClientSession, url: str) -> int:
+    """Records in requests the emulator answered 200."""
+    reqs = await emulator_requests(session, url)
+    return sum(r["records"] for r in reqs if r["status"] == 200)
+
+
 async def wait_for(
     check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.25
 ) -> None:
@@ -365,24 +396,10 @@ class Stack:
         await wait_for(check, 60, "daemons ready with partitions assigned")
 
     async def totals_equal(self, expected: dict[TruthKey, Decimal], timeout: float = 90) -> None:
-        last: dict[TruthKey, Decimal] = {}
-
-        async def check() -> bool:
-            nonlocal last
-            last = await emulator_totals(self.session, self.emulator.url)
-            return last == expected
-
-        try:
-            await wait_for(check, timeout, "emulator totals to equal ground truth")
-        except AssertionError:
-            diff = {k: (expected.get(k), last.get(k)) for k in set(expected) | set(last)}
-            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-            logs = "\n".join(d.log_tail(3000) for d in self.daemons)
-            raise AssertionError(f"{len(diff)} cells differ, e.g. {list(diff.items())[:5]}\n{logs}") from None
+        await totals_become(self.session, self.emulator.url, expected, self.daemons, timeout)
 
     async def records_sent(self) -> int:
-        reqs = await emulator_requests(self.session, self.emulator.url)
-        return sum(r["records"] for r in reqs if r["status"] == 200)
+        return await records_applied(self.session, self.emulator.url)
 
     async def set_hook(self, **hook: object) -> None:
         async with self.session.post(f"{self.emulator.url}/_admin/hooks", json={"hooks": [hook]}) as resp:

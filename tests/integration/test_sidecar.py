@@ -36,6 +36,8 @@ from .harness import (
     emulator_requests,
     emulator_totals,
     metric_value,
+    records_applied,
+    totals_become,
     wait_for,
 )
 
@@ -190,24 +192,10 @@ class Env:
         return await emulator_totals(self.session, self.emulator.url)
 
     async def totals_equal(self, expected: dict[TruthKey, Decimal], timeout: float = 60) -> None:
-        last: dict[TruthKey, Decimal] = {}
-
-        async def check() -> bool:
-            nonlocal last
-            last = await self.totals()
-            return last == expected
-
-        try:
-            await wait_for(check, timeout, "emulator totals to equal ground truth")
-        except AssertionError:
-            diff = {k: (expected.get(k), last.get(k)) for k in set(expected) | set(last)}
-            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-            logs = "\n".join(p.log_tail(3000) for p in self.procs)
-            raise AssertionError(f"{len(diff)} cells differ, e.g. {list(diff.items())[:5]}\n{logs}") from None
+        await totals_become(self.session, self.emulator.url, expected, list(self.procs), timeout)
 
     async def records_applied(self) -> int:
-        reqs = await emulator_requests(self.session, self.emulator.url)
-        return sum(r["records"] for r in reqs if r["status"] == 200)
+        return await records_applied(self.session, self.emulator.url)
 
 
 @pytest.fixture
