@@ -8,6 +8,7 @@ deltas really happen; crash points are deterministic (emulator hooks), not rando
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from decimal import Decimal
 
@@ -408,3 +409,30 @@ async def test_records_the_api_refuses_go_to_the_dlq_and_the_rest_is_delivered(s
     assert headers["allocd-reason"] == b"api_rejected"
     assert headers["allocd-stream"] == b"search-usage"
     assert b"same filter keys" in headers["allocd-detail"]
+
+
+async def test_a_second_signal_exits_at_once(stack: Stack) -> None:
+    """SIGTERM while a request hangs: the daemon waits for it (within its deadline); a second SIGTERM
+    means the operator insists — exit at once, with 128 + SIGTERM."""
+    d = stack.daemon("a", window_seconds=2, grace_seconds=0.5, shutdown_timeout=30)
+    d.start()
+    await stack.ready(d)
+    await stack.set_faults(hang=1.0)  # applied, never answered: the request stays in flight
+    gen = Generator(seed=13)
+    await produce(stack.broker.bootstrap, stack.topic, gen.batch(50))
+
+    async def in_flight() -> bool:
+        return any(r["fault"] == "hang" for r in await emulator_requests(stack.session, stack.emulator.url))
+
+    await wait_for(in_flight, 30, "a request hanging in the emulator")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+
+    async def shutting_down() -> bool:
+        return any(line.get("message") == "shutting down" for line in d.log_lines())
+
+    await wait_for(shutting_down, 10, "the first signal's shutdown to start")
+    assert d.proc.poll() is None  # still waiting for the hanging request, within its deadline
+    started = time.monotonic()
+    assert await d.terminate(timeout=5) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 2
