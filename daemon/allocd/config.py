@@ -65,6 +65,8 @@ class KafkaSettings:
             raise ConfigError(f"{prefix}sasl_mechanism", f"must be one of {', '.join(_SASL_MECHANISMS)}")
         if self.security_protocol.startswith("SASL") and not self.sasl_username:
             raise ConfigError(f"{prefix}sasl_username", "required with a SASL security_protocol")
+        if self.security_protocol.startswith("SASL") and not self.sasl_password_file:
+            raise ConfigError(f"{prefix}sasl_password_file", "required with a SASL security_protocol")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError(f"{prefix}auto_offset_reset", "must be earliest or latest")
         if self.checkpoint_topic in self.topics or self.dlq_topic in self.topics:

@@ -321,6 +321,7 @@ def test_a_string_for_a_float_in_the_file_is_refused(tmp_path: Path) -> None:
         ('[kafka]\nsecurity_protocol = "TLS"', "kafka.security_protocol"),
         ('[kafka]\nsasl_mechanism = "GSSAPI"', "kafka.sasl_mechanism"),
         ('[kafka]\nsecurity_protocol = "SASL_SSL"', "kafka.sasl_username"),
+        ('[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_username = "u"', "kafka.sasl_password_file"),
         ('[kafka]\nauto_offset_reset = "none"', "kafka.auto_offset_reset"),
         ('[kafka]\ntopics = ["events", "allocd-checkpoints"]', "kafka.topics"),
         ('[kafka]\ntopics = ["events", "allocd-dlq"]', "kafka.topics"),
@@ -357,7 +358,8 @@ def test_validate_rules_name_the_key(tmp_path: Path, toml: str, key: str) -> Non
 @pytest.mark.parametrize(
     "toml",
     [
-        '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_username = "u"\nsasl_mechanism = "SCRAM-SHA-512"',
+        '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_username = "u"\nsasl_mechanism = "SCRAM-SHA-512"\n'
+        'sasl_password_file = "/run/pw"',
         '[kafka]\nsecurity_protocol = "SSL"',
         '[kafka]\nauto_offset_reset = "latest"',
         "[api]\nrecords_per_request = 1",
