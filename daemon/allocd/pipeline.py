@@ -93,6 +93,7 @@ class Pipeline:
         self.stopping = False
         self.reopened: set[WindowKey] = set()  # closed windows that late events opened again (deltas)
         self._deliver_task: asyncio.Task[None] | None = None
+        self.assignment = 0  # counts assignments; _poll_once drops a batch fetched across one
 
     # --- lifecycle -------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -161,8 +162,9 @@ class Pipeline:
                         origin, state.position = "group commit", committed
                     else:
                         origin, state.position = "reset policy", await self.source.reset_position(tp)
-                # Always seek: the fetcher may already have run ahead from another position, and records
-                # fetched before this point are dropped by the offset guard in _process.
+                # Always seek: the fetcher may already have run ahead from another position. What it
+                # fetched before this point is dropped whole by _poll_once (see _refetch): the offset
+                # guard in _process drops only records below next_offset, not a batch that skips ahead.
                 self.source.seek(tp, state.position)
                 self.parts[tp] = state
                 self.next_offset[tp] = state.position
@@ -177,6 +179,7 @@ class Pipeline:
                         "skips": len(state.skips),
                     },
                 )
+            self.assignment += 1  # every batch whose fetch began before the seeks above is stale
             self.health.set_condition("assigned", bool(self.parts), "no partitions assigned")
 
     async def _abandon(self, why: str, budget: float) -> None:
@@ -212,21 +215,33 @@ class Pipeline:
 
     # --- the poll loop ---------------------------------------------------------------------------------
     async def _poll_once(self) -> None:
+        assignment = self.assignment
         batch = await self.source.fetch(self.s.tick_seconds)
         self.health.beat("poll")
         if self.abandoning:
             return
         try:
             async with self.lock:
-                if batch:
+                if batch and assignment != self.assignment:
+                    self._refetch(batch)
+                elif batch:
                     await self._process(batch)
                 self._maybe_cut()
                 self._publish_gauges()
         except _Abandoned:
             pass
 
+    def _refetch(self, batch: list[Message]) -> None:
+        """Drop a batch fetched while partitions were being assigned, and fetch its partitions again from
+        where the pipeline stands. It may hold records from before the assignment's seek: processing them
+        would move next_offset past records the seek brings back, which the offset guard then drops as
+        re-fetched — lost (seen as a fetch from the reset position racing the journal recovery)."""
+        for tp in {msg.tp for msg in batch}:
+            if tp in self.next_offset:
+                self.source.seek(tp, self.next_offset[tp])
+
     async def _process(self, batch: list[Message]) -> None:
-        decode = self.decoder.decode
+        decode = self.decoder.decode_fields
         parts = self.parts
         next_offset = self.next_offset
         acc = self.acc
@@ -239,28 +254,45 @@ class Pipeline:
         accepted: dict[str, int] = {}
         late: dict[str, int] = {}
         skipped = 0
+        # Per stream, the window its previous event fell in: [start, end, key, WindowState once an event
+        # counted, late]. Events come nearly in time order, so most hit it (a stream's granularity is fixed
+        # by the decoder's config). Valid for this batch only: windows are cut between batches.
+        current: dict[str, list[Any]] = {}
+        tp: TP | None = None
+        state: PartitionState | None = None
+        may_skip = False
         for msg in batch:
-            tp = msg.tp
-            state = parts.get(tp)
-            if state is None or msg.offset < next_offset[tp]:
+            if msg.tp is not tp:  # sources hand out runs of one partition sharing one tp tuple
+                tp = msg.tp
+                state = parts.get(tp)
+                may_skip = state is not None and bool(state.marks or state.skips)
+            offset = msg.offset
+            if state is None or offset < next_offset[tp]:
                 continue  # not ours any more, or a re-fetch of what was processed
-            next_offset[tp] = msg.offset + 1
+            next_offset[tp] = offset + 1
             try:
-                ev = decode(msg.value, msg.timestamp_ms)
+                stream, ts, element, flt, value, _, granularity = decode(msg.value, msg.timestamp_ms)
             except InvalidEvent as exc:
                 rejected.append((msg, exc.reason, exc.detail))
                 continue
-            start, end = window_bounds(ev.timestamp_ms, ev.granularity, override_ms)
-            wk = (ev.stream, start)
-            if state.marks or state.skips:
-                if state.should_skip(msg.offset, wk, (ev.stream, start, ev.element, ev.filter)):
-                    skipped += 1
-                    continue
-            if wk in reopened or (end + grace_ms <= horizon and wk not in acc.windows):
-                reopened.add(wk)  # every event of a re-opened window is late, not only its first
-                late[ev.stream] = late.get(ev.stream, 0) + 1
-            acc.add_cell(wk, end, ev.granularity, ev.element, ev.filter, ev.value, tp, msg.offset)
-            accepted[ev.stream] = accepted.get(ev.stream, 0) + 1
+            w = current.get(stream)
+            if w is None or not w[0] <= ts < w[1]:
+                start, end = window_bounds(ts, granularity, override_ms)
+                w = current[stream] = [start, end, (stream, start), None, False]
+            if may_skip and state.should_skip(offset, w[2], (stream, w[0], element, flt)):
+                skipped += 1
+                continue
+            window = w[3]
+            if window is None:  # the window's first counted event in this batch: is it late?
+                wk = w[2]
+                w[4] = wk in reopened or (w[1] + grace_ms <= horizon and wk not in acc.windows)
+                if w[4]:
+                    reopened.add(wk)  # every event of a re-opened window is late, not only its first
+                window = w[3] = acc.window(wk, w[1], granularity)
+            if w[4]:
+                late[stream] = late.get(stream, 0) + 1
+            window.add(element, flt, value, tp, offset)
+            accepted[stream] = accepted.get(stream, 0) + 1
         self.metrics.record_batch(
             self.source.name, len(batch), accepted, late, skipped, [r for _, r, _ in rejected]
         )
