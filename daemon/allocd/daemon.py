@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -40,7 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port-file", help="write the metrics/health port here once listening (tests)")
 
 
+# Per-event objects (decoded JSON, records) die young and form no cycles, yet each batch keeps thousands alive
+# for a moment: at the default gen-0 threshold (700) the collector runs every few hundred events and walks
+# them (~0.2-0.4 µs per event, measured by tests/bench). Larger thresholds leave memory bounded as before.
+GC_THRESHOLDS = (10_000, 20, 20)
+
+
 async def run_command(args: argparse.Namespace) -> int:
+    gc.set_threshold(*GC_THRESHOLDS)  # the process entry, not run(): tests call run() inside pytest
     settings = load_settings(args.config)
     configure_logging(settings.server.log_level)
     return await run(settings, port_file=args.port_file)

@@ -24,6 +24,7 @@ __all__ = [
     "FieldMapping",
     "Path",
     "dimension_values",
+    "iso_ms",
     "lookup",
     "split_path",
     "timestamp_ms",
@@ -148,7 +149,7 @@ def timestamp_ms(raw: Any, fmt: str) -> int:
     """Event time in epoch milliseconds UTC, read as `fmt` (one of TIMESTAMP_FORMATS)."""
     if type(raw) is str:
         if fmt == "auto" or fmt == "iso":
-            ms = _iso_ms(raw)
+            ms = iso_ms(raw)
         elif _EPOCH_STRING.fullmatch(raw):
             ms = _epoch_ms(Decimal(raw), fmt == "epoch_ms")
         else:
@@ -165,7 +166,8 @@ def timestamp_ms(raw: Any, fmt: str) -> int:
     return ms
 
 
-def _iso_ms(text: str) -> int:
+def iso_ms(text: str) -> int:
+    """An ISO 8601 string as epoch milliseconds UTC (no offset means UTC); the caller checks the range."""
     try:
         ts = datetime.fromisoformat(text)  # the fast path: Python 3.11 reads "Z" itself
     except ValueError:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from allocd.windows import TP
 
 __all__ = ["AssignmentListener", "DeadLetters", "LostOwnership", "Message", "Source"]
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One raw event with its position: the offset travels with the data (STYLE.md, arroyo)."""
+class Message(NamedTuple):
+    """One raw event with its position: the offset travels with the data (STYLE.md, arroyo). A named tuple:
+    immutable like a frozen dataclass, and built in half the time (sources build one per event)."""
 
     tp: TP
     offset: int
