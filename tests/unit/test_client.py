@@ -35,6 +35,8 @@ from allocd.cloudzero.ratelimit import RateLimiter
 from allocd.cloudzero.records import MESSAGES, Op, RecordError, encode_body
 from allocd.errors import AuthError, ConfigError, TransientError
 
+from .fakes import FakeClock
+
 SECRET = "cz-SECRET-0b5e7d"
 PATH = "/unit-cost/v1/telemetry/allocation/{stream}/{op}"
 
@@ -131,18 +133,8 @@ def reject_if(
 
 
 # --- fakes for time and metrics ----------------------------------------------------------------------
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
+def fake_clock() -> FakeClock:
+    return FakeClock(1000.0)
 
 
 class MaxRandom(random.Random):
@@ -175,7 +167,7 @@ class Recorder(ClientObserver):
 def make_client(
     url: str, clock: FakeClock | None = None, *, observer: ClientObserver | None = None, **config: Any
 ) -> CloudZeroClient:
-    clock = clock or FakeClock()
+    clock = clock or fake_clock()
     config.setdefault("records_per_second", 1e9)
     return CloudZeroClient(
         ClientConfig(base_url=url, **config),
@@ -329,7 +321,7 @@ async def test_422_bisects_like_400() -> None:
 
 async def test_connection_refused_is_a_clean_failure_retried_to_the_deadline() -> None:
     observer = Recorder()
-    clock = FakeClock()
+    clock = fake_clock()
     url = f"http://127.0.0.1:{closed_port()}"
     async with make_client(url, clock, observer=observer, retry_deadline=20.0) as client:
         with pytest.raises(TransientError) as err:
@@ -342,7 +334,7 @@ async def test_connection_refused_is_a_clean_failure_retried_to_the_deadline() -
 
 
 async def test_retry_after_is_the_minimum_wait() -> None:
-    clock = FakeClock()
+    clock = fake_clock()
     async with serve(statuses(429, 503, headers={"Retry-After": "7"})) as api:
         async with make_client(api.url, clock) as client:
             out = await client.send_request("s", Op.SUM, [rec(0)])
@@ -361,7 +353,7 @@ def test_parse_retry_after() -> None:
 
 
 async def test_full_jitter_ceiling_doubles_up_to_the_cap() -> None:
-    clock = FakeClock()
+    clock = fake_clock()
     async with serve(statuses(*([503] * 9))) as api:
         client = CloudZeroClient(
             ClientConfig(base_url=api.url, records_per_second=1e9, backoff_base=0.5, backoff_cap=30.0),
@@ -377,7 +369,7 @@ async def test_full_jitter_ceiling_doubles_up_to_the_cap() -> None:
 
 
 async def test_full_jitter_stays_within_bounds() -> None:
-    clock = FakeClock()
+    clock = fake_clock()
     async with (
         serve(statuses(*([503] * 12))) as api,
         make_client(api.url, clock, retry_deadline=1e6) as client,
@@ -390,7 +382,7 @@ async def test_full_jitter_stays_within_bounds() -> None:
 
 
 async def test_deadline_raises_transient_error_with_the_last_status() -> None:
-    clock = FakeClock()
+    clock = fake_clock()
 
     async def always_503(api: FakeApi, request: web.Request, records: list[dict[str, Any]]) -> web.Response:
         return answer(503, headers={"Retry-After": "4"})
@@ -415,7 +407,7 @@ async def test_deadline_after_partial_delivery_returns_the_outcome() -> None:
             return answer(200)
         return answer(503)
 
-    clock = FakeClock()
+    clock = fake_clock()
     async with serve(respond) as api, make_client(api.url, clock, retry_deadline=30.0) as client:
         out = await client.send_request("s", Op.SUM, [rec(i) for i in range(4)])
     assert out.delivered == [0, 1]
@@ -527,7 +519,7 @@ async def test_refused_then_up_is_a_clean_delivery() -> None:
     app = web.Application()
     app.router.add_post(PATH, api.handle)
     server = TestServer(app, host="127.0.0.1", port=port)
-    clock = FakeClock()
+    clock = fake_clock()
 
     async def start_server_then_sleep(seconds: float) -> None:
         if server.runner is None:
@@ -635,7 +627,7 @@ async def test_send_keeps_earlier_deliveries_when_a_later_request_fails_with_403
 
 # --- pacing --------------------------------------------------------------------------------------------
 async def test_every_attempt_is_paced_by_the_shared_limiter() -> None:
-    clock = FakeClock()
+    clock = fake_clock()
     start = clock.now
     limiter = RateLimiter(10.0, 10.0, clock=clock, sleep=clock.sleep)
     observer = Recorder()

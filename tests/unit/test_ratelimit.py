@@ -9,21 +9,7 @@ import pytest
 
 from allocd.cloudzero.ratelimit import RateLimiter, sleep_or_stop
 
-
-class FakeClock:
-    """A clock that only moves when someone sleeps on it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
+from .fakes import FakeClock
 
 
 async def sleep_forever(seconds: float) -> None:
