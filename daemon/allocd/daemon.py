@@ -168,12 +168,13 @@ async def run(settings: Settings, *, port_file: str | None = None, stop: asyncio
     await producer.start()
     client = make_client(settings, key, BeatingObserver(metrics, health))
     source = KafkaSource(k)
+    store = KafkaJournalStore(k, producer)
     pipeline = Pipeline(
         settings.pipeline,
         source,
         decoder,
         client,
-        Journal(KafkaJournalStore(k, producer)),
+        Journal(store),
         KafkaDeadLetters(k.dlq_topic, producer),
         metrics,
         health,
@@ -189,6 +190,7 @@ async def run(settings: Settings, *, port_file: str | None = None, stop: asyncio
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await lag
         await client.close()
+        await store.close()
         await producer.stop()
         await runner.cleanup()
         log.info("allocd stopped", extra={"seconds": round(time.monotonic() - started, 3)})

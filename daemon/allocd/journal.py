@@ -105,9 +105,18 @@ def recover(entries: Iterable[dict[str, Any]], tps: Iterable[TP]) -> dict[TP, Re
     wanted = set(tps)
     entries = list(entries)
     last_ckpt: dict[TP, int] = {}
+    owner: dict[TP, str] = {}  # the member of the latest claim (barrier) per partition
     for i, e in enumerate(entries):
-        if e.get("t") == "ckpt" and _tp_of(e) in wanted:
-            last_ckpt[_tp_of(e)] = i
+        kind = e.get("t")
+        if kind == "barrier":
+            for t, p in e.get("claim", ()):
+                owner[(t, int(p))] = e.get("member", "")
+        elif kind == "ckpt" and _tp_of(e) in wanted:
+            tp = _tp_of(e)
+            # A checkpoint from a member that another member's claim has superseded is stale: it was
+            # written by a member that lost the partition without noticing yet.
+            if tp not in owner or e.get("m") in (None, owner[tp]):
+                last_ckpt[tp] = i
     out: dict[TP, Recovered] = {}
     for tp in wanted:
         state = PartitionState()
@@ -160,8 +169,13 @@ class JournalStore(Protocol):
     async def append(self, entries: list[dict[str, Any]]) -> None:
         """Store the entries durably, in order; raise when that cannot be done."""
 
-    async def read_all(self) -> list[dict[str, Any]]:
-        """Every entry stored so far, in order (for Kafka: up to a barrier written first)."""
+    async def read_all(self, claim: Iterable[TP] = ()) -> list[dict[str, Any]]:
+        """Every entry stored so far, in order (for Kafka: up to a barrier written first, which also
+        records that this member now owns the partitions in `claim`)."""
+
+    async def still_owner(self, tps: Iterable[TP]) -> bool:
+        """False when another member claimed one of `tps` after this member did, as far as the journal
+        has been written by this member (a member that lost its partitions without noticing)."""
 
 
 class MemoryJournalStore:
@@ -173,8 +187,11 @@ class MemoryJournalStore:
     async def append(self, entries: list[dict[str, Any]]) -> None:
         self.entries.extend(orjson.loads(orjson.dumps(e)) for e in entries)
 
-    async def read_all(self) -> list[dict[str, Any]]:
+    async def read_all(self, claim: Iterable[TP] = ()) -> list[dict[str, Any]]:
         return list(self.entries)
+
+    async def still_owner(self, tps: Iterable[TP]) -> bool:
+        return True  # one process
 
 
 class Journal:
@@ -208,4 +225,8 @@ class Journal:
         await self.store.append([st.to_entry(tp) for tp, st in states.items()])
 
     async def recover(self, tps: Iterable[TP]) -> dict[TP, Recovered]:
-        return recover(await self.store.read_all(), tps)
+        tps = list(tps)
+        return recover(await self.store.read_all(claim=tps), tps)
+
+    async def still_owner(self, tps: Iterable[TP]) -> bool:
+        return await self.store.still_owner(tps)

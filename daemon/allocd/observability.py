@@ -223,6 +223,10 @@ class Metrics:
         self.rate_wait = c(
             "allocd_rate_limiter_wait_seconds_total", "Time requests waited for the client-side rate limiter."
         )
+        self.fenced_requests = c(
+            "allocd_fenced_requests_total",
+            "Requests not sent because another member had claimed their partitions (a stale owner).",
+        )
         self.api_auth_failures = c(
             "allocd_api_auth_failures_total", "Requests answered 403 (API key missing, revoked or rotated)."
         )

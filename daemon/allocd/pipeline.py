@@ -418,7 +418,7 @@ class Pipeline:
         cid = await self._journaled(lambda: self.journal.cycle_started(snap))
         # Step 2
         for n, req in enumerate(self._requests(snap)):
-            await self._deliver(cid, n, req)
+            await self._deliver(cid, n, req, list(snap.boundary))
         # Step 3
         async with self.lock:
             if self.abandoning:
@@ -434,7 +434,10 @@ class Pipeline:
             states = {
                 tp: PartitionState(s.position, dict(s.marks), dict(s.skips)) for tp, s in self.parts.items()
             }
-        # Step 4
+        # Step 4 (only partitions still ours: a stale owner must not write over the new owner's checkpoint)
+        if not await self._journaled(lambda: self.journal.still_owner(list(states))):
+            self.metrics.fenced_requests.inc()
+            raise _Abandoned
         await self._journaled(lambda: self.journal.checkpoint(states))
         # Step 5
         try:
@@ -476,11 +479,19 @@ class Pipeline:
                 out.append(_Request(stream, packed, [digests[id(r)] for r in packed]))
         return out
 
-    async def _deliver(self, cid: str, n: int, req: _Request) -> None:
+    async def _deliver(self, cid: str, n: int, req: _Request, tps: list[TP]) -> None:
         """Send one request until every record is settled; journal before and after each answer. Raise
         _Abandoned when told to stop: what was acknowledged is journaled first, and what may have been
         applied without an answer is left in doubt (no `fail` entry), to be counted by whoever recovers."""
         await self._journaled(lambda: self.journal.request_sent(cid, n, req.cells))
+        if not await self._journaled(lambda: self.journal.still_owner(tps)):
+            # Another member claimed one of these partitions: it re-derives them from the journal, which
+            # does not hold this request's `sent` as in doubt once `fail` follows. Sending now would count
+            # its events twice (DESIGN §2.6: a member that learns it lost its partitions stops at once).
+            log.warning("partitions claimed by another member; not sending", extra={"cycle": cid})
+            await self._journaled(lambda: self.journal.request_failed(cid, n))
+            self.metrics.fenced_requests.inc()
+            raise _Abandoned
         remaining = list(range(len(req.records)))
         doubt = False
         delay = 1.0

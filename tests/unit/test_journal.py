@@ -557,3 +557,17 @@ def test_one_scripted_crash_per_mode_counts_every_event_once(mode: str) -> None:
             total[cell(window, element)] += value
     assert {c: model.acked[c] + replayed[c] for c in total} == dict(total)
     assert model.acked  # the first cycle really delivered something
+
+
+def test_a_checkpoint_written_after_another_members_claim_is_ignored() -> None:
+    """A stale owner (its partition claimed by a new owner) must not overwrite the new owner's view."""
+    tp = ("usage", 0)
+    entries = [
+        {"t": "barrier", "member": "a", "claim": [["usage", 0]]},
+        {"t": "ckpt", "tp": ["usage", 0], "pos": 10, "marks": [], "skips": [], "m": "a"},
+        {"t": "barrier", "member": "b", "claim": [["usage", 0]]},
+        {"t": "ckpt", "tp": ["usage", 0], "pos": 50, "marks": [], "skips": [], "m": "a"},  # stale
+    ]
+    assert recover(entries, [tp])[tp].state.position == 10
+    entries.append({"t": "ckpt", "tp": ["usage", 0], "pos": 30, "marks": [], "skips": [], "m": "b"})
+    assert recover(entries, [tp])[tp].state.position == 30

@@ -12,13 +12,14 @@ import base64
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from allocd.sources.base import Message
+from allocd.windows import TP
 
 __all__ = ["FileDeadLetters", "FileJournalStore"]
 
@@ -157,10 +158,13 @@ class FileJournalStore:
         async with self._lock:
             await asyncio.to_thread(self._append_sync, data, checkpoint)
 
-    async def read_all(self) -> list[dict[str, Any]]:
+    async def read_all(self, claim: Iterable[TP] = ()) -> list[dict[str, Any]]:
         async with self._lock:
             data = await asyncio.to_thread(self._file.read)
         return _lines(data, self.path)
+
+    async def still_owner(self, tps: Iterable[TP]) -> bool:
+        return True  # the spool directory's lock file makes this process its only owner
 
     def close(self) -> None:
         self._file.close()

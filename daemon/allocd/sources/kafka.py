@@ -220,31 +220,98 @@ def _producer(s: KafkaSettings) -> AIOKafkaProducer:
 
 class KafkaJournalStore:
     """The journal in the checkpoint topic (one partition), keyed by group. Reading produces a barrier
-    first and reads up to its acknowledged offset, because the broker's end offset can under-report."""
+    first and reads up to its acknowledged offset, because the broker's end offset can under-report.
+
+    The barrier is also a *claim*: it names the partitions this member now owns. The API has no fencing,
+    so a member that lost its partitions without noticing (its session expired behind a network fault)
+    would keep delivering what the new owner re-derives. Before each request the pipeline asks
+    `still_owner`: this member reads the journal up to its own latest entry (the `sent` of that request)
+    and refuses to send if another member claimed one of its partitions after it did. Because the log is
+    one ordered partition, either the new owner's recovery read sees that `sent` (and counts the request
+    in doubt) or this member sees the claim (and does not send)."""
 
     def __init__(self, settings: KafkaSettings, producer: AIOKafkaProducer) -> None:
         self.s = settings
         self.producer = producer
         self.topic = settings.checkpoint_topic
         self.key = settings.group_id.encode()
+        self.member = uuid.uuid4().hex[:12]
+        self._last_appended = -1
+        self._claimed: dict[TP, int] = {}  # partition → offset of this member's latest claim
+        self._lost: set[TP] = set()  # claimed by another member since
+        self._tail: AIOKafkaConsumer | None = None
+        self._tail_next = 0
 
     async def append(self, entries: list[dict[str, Any]]) -> None:
         futures = [
             await self.producer.send(
-                self.topic, orjson.dumps({**e, "g": self.s.group_id}), key=self.key, partition=0
+                self.topic,
+                orjson.dumps({**e, "g": self.s.group_id, "m": self.member}),
+                key=self.key,
+                partition=0,
             )
             for e in entries
         ]
-        await asyncio.gather(*futures)
+        for meta in await asyncio.gather(*futures):
+            self._last_appended = max(self._last_appended, meta.offset)
 
-    async def read_all(self) -> list[dict[str, Any]]:
+    async def still_owner(self, tps: Any) -> bool:
+        upto = self._last_appended
+        if upto >= self._tail_next:
+            await self._read_tail(upto)
+        return not (set(tps) & self._lost)
+
+    async def _read_tail(self, upto: int) -> None:
+        tp = TopicPartition(self.topic, 0)
+        if self._tail is None:
+            self._tail = AIOKafkaConsumer(
+                enable_auto_commit=False, group_id=None, **connection_options(self.s)
+            )
+            await self._tail.start()
+            self._tail.assign([tp])
+        self._tail.seek(tp, self._tail_next)
+        deadline = time.monotonic() + 30
+        while self._tail_next <= upto:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"journal tail did not reach offset {upto}")
+            batch = await self._tail.getmany(tp, timeout_ms=200)
+            for rec in batch.get(tp, []):
+                self._tail_next = rec.offset + 1
+                if rec.key == self.key:
+                    self._note_claim(orjson.loads(rec.value), rec.offset)
+
+    def _note_claim(self, entry: dict[str, Any], offset: int) -> None:
+        if entry.get("t") != "barrier" or entry.get("g") != self.s.group_id:
+            return
+        if entry.get("member") == self.member:
+            return
+        for t, p in entry.get("claim", ()):
+            tp = (t, int(p))
+            if tp in self._claimed and offset > self._claimed[tp]:
+                self._lost.add(tp)
+
+    async def close(self) -> None:
+        if self._tail is not None:
+            await self._tail.stop()
+            self._tail = None
+
+    async def read_all(self, claim: Any = ()) -> list[dict[str, Any]]:
         barrier = uuid.uuid4().hex
+        claimed = [[t, p] for t, p in claim]
         meta = await self.producer.send_and_wait(
             self.topic,
-            orjson.dumps({"t": "barrier", "id": barrier, "g": self.s.group_id}),
+            orjson.dumps(
+                {"t": "barrier", "id": barrier, "g": self.s.group_id, "member": self.member, "claim": claimed}
+            ),
             key=self.key,
             partition=0,
         )
+        for t, p in claimed:
+            self._claimed[(t, p)] = meta.offset
+            self._lost.discard((t, p))
+        # Claims before this barrier are superseded by it for every partition this member now owns.
+        self._tail_next = max(self._tail_next, meta.offset + 1)
+        self._last_appended = max(self._last_appended, meta.offset)
         tp = TopicPartition(self.topic, 0)
         consumer = AIOKafkaConsumer(enable_auto_commit=False, group_id=None, **connection_options(self.s))
         await consumer.start()
@@ -264,8 +331,8 @@ class KafkaJournalStore:
                         break
                     if rec.key == self.key:
                         entry = orjson.loads(rec.value)
-                        if entry.get("g") == self.s.group_id and entry.get("t") != "barrier":
-                            out.append(entry)
+                        if entry.get("g") == self.s.group_id:
+                            out.append(entry)  # barriers too: their claims decide whose checkpoint counts
         finally:
             await consumer.stop()
         return out
