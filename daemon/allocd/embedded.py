@@ -90,17 +90,26 @@ def _resolve_binary() -> str:
 class EmbeddedBroker:
     """One Tansu process on a loopback port, memory storage, in its own process group.
 
-    `start()` returns once the broker answers a Kafka Metadata request advertising its own address; `stop()`
+    `start()` returns once the broker answers a Kafka Metadata request advertising its own address (or
+    `advertised_port` on the same host, where a proxy listens: then clients reach it only through that proxy
+    after bootstrap, and the proxy must forward to `bootstrap`); `stop()`
     sends SIGTERM to its PID, then SIGKILL after the timeout. Use it as `with EmbeddedBroker() as broker:`
     or `async with`. Its log lives in a temporary directory removed by `stop()`.
     """
 
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int | None = None, binary: str | None = None
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        binary: str | None = None,
+        advertised_port: int | None = None,
     ) -> None:
         self._host = host
         self._fixed_port = port
         self._binary = binary
+        # A proxy in front of the broker (fault injection): metadata names it, so clients stay behind it.
+        self._advertised_port = advertised_port
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: Path | None = None
@@ -116,6 +125,13 @@ class EmbeddedBroker:
     @property
     def port(self) -> int | None:
         return self._port
+
+    @property
+    def advertised(self) -> str:
+        """`host:port` the broker names in metadata: `bootstrap` unless `advertised_port` was given."""
+        if self._port is None:
+            raise BrokerError("the broker is not started")
+        return f"{self._host}:{self._advertised_port or self._port}"
 
     @property
     def pid(self) -> int | None:
@@ -174,7 +190,8 @@ class EmbeddedBroker:
     def _spawn(self, binary: str, port: int) -> None:
         assert self._tmpdir is not None
         url = f"tcp://{self._host}:{port}"
-        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
+        advertised = f"tcp://{self._host}:{self._advertised_port or port}"
+        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised]
         argv += ["--storage-engine", "memory://tansu/"]  # explicit: a STORAGE_ENGINE env var must not win
         self._log = (self._tmpdir / "tansu.log").open("wb")  # truncated: the tail shows this attempt only
         self._port = port
@@ -197,7 +214,7 @@ class EmbeddedBroker:
                     f"tansu exited with code {code} during start-up; log tail:\n{self.log_tail()}"
                 )
             try:
-                _probe_metadata(self._host, self._port)
+                _probe_metadata(self._host, self._port, advertised_port=self._advertised_port)
                 return
             except (OSError, ValueError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
@@ -255,8 +272,9 @@ class EmbeddedBroker:
         return f"EmbeddedBroker({state})"
 
 
-def _probe_metadata(host: str, port: int, timeout: float = 1.0) -> None:
-    """One Kafka Metadata v0 request; returns when a broker advertising (host, port) answers it.
+def _probe_metadata(host: str, port: int, timeout: float = 1.0, advertised_port: int | None = None) -> None:
+    """One Kafka Metadata v0 request to (host, port); returns when a broker advertising (host, port) — or
+    (host, advertised_port) when given — answers it.
 
     Hand-encoded (a dozen bytes) so that the sync `start()` needs no event loop.
     """
@@ -277,7 +295,7 @@ def _probe_metadata(host: str, port: int, timeout: float = 1.0) -> None:
         (broker_port,) = struct.unpack_from(">i", data, offset)
         offset += 4
         advertised.append((name, broker_port))
-    if correlation_id != 1 or (host, port) not in advertised:
+    if correlation_id != 1 or (host, advertised_port or port) not in advertised:
         raise ValueError(f"unexpected metadata answer: correlation {correlation_id}, brokers {advertised}")
 
 
