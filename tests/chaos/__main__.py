@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--joiners", default="c", help="members that join and leave (default c; '' for none)")
     p.add_argument("--kinds", default=",".join(ALL_KINDS), help="fault kinds to use (comma-separated)")
     p.add_argument("--script", choices=sorted(SCRIPTS), help="a scripted schedule instead of the seeded one")
-    p.add_argument("--drain-timeout", type=float, default=300.0)
+    p.add_argument("--drain-timeout", type=float, default=1800.0, help="longest drain after production")
     p.add_argument("--workdir", type=Path, default=None, help="default: a new /tmp/allocd-chaos-<seed>-*")
     p.add_argument("--keep", action="store_true", help="keep the work dir even when the tally holds")
     p.add_argument(

@@ -60,7 +60,7 @@ rebalance_timeout_ms = 15000
 [api]
 base_url = "{api_url}"
 api_key_file = "{key_file}"
-records_per_request = 40
+records_per_request = 100
 records_per_second = 600
 request_timeout = 10
 retry_deadline = 30

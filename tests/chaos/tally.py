@@ -6,14 +6,18 @@ records in the emulator's request bodies name too):
 
 - Every application of a record for w at the emulator is either *answered* (its response was handed to the
   client, per the API link proxy) or *unanswered* (hang fault, link cut, the client gone).
-- The daemon journals one `ack` per request it got an answer for. `acks(w)` counts the journaled requests
-  that acknowledged w. So `answered(w) - acks(w)` applications were answered but never journaled: the daemon
-  died (or abandoned) between the answer and the journal write — each must be a request the journal shows
-  sent and neither acknowledged nor failed (`doubt(w)`), which is what a recovering daemon counts in doubt.
+- The daemon journals one `ack` per request it got an answer for; `acks(w)` counts them. So
+  `answered(w) - acks(w)` applications were answered but never journaled (the daemon died between the
+  answer and the journal write): each must be a request the journal shows sent and never settled
+  (`unsettled(w)`) — what a recovering daemon counts in doubt.
 - Lost: delivered(w) < truth(w).
 - Double-counted only by in-doubt requests: the excess delivered(w) - truth(w) must be exactly the sum of
-  every unanswered application of w plus `answered(w) - acks(w)` of the answered ones (some choice of them):
-  that is, the acknowledged applications sum to the truth exactly and every other application is excess.
+  every unanswered application of w plus `answered(w) - acks(w)` whole answered ones (some choice of them):
+  the acknowledged applications sum to the truth exactly and every other application is excess.
+- One exception, and it makes the check a range: a *late ack* — journaled after another member's recovery
+  read claimed one of the cycle's partitions. That member saw the request in doubt and re-sent its share of
+  the events (at-least-once, counted in its metrics), so the excess may hold part of a late-acked
+  application too. No single application may exceed the cell's truth (a record holds distinct events).
 Anything else is a problem, named per cell. Poison must be in the DLQ (by source position), and nothing
 else may be.
 """

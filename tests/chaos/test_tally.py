@@ -3,8 +3,10 @@ it must fail (lost, unexplained double, acks without answers, poison missing, va
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from decimal import Decimal
+from pathlib import Path
 
 from allocd.journal import cell_digest
 
@@ -204,3 +206,39 @@ def test_only_a_claim_on_the_cycles_partitions_makes_an_ack_late() -> None:
     assert journal_view(entries).late_acks[D1] == 0
     entries[2]["claim"] = [["usage", 1], ["usage", 2]]
     assert journal_view(entries).late_acks[D1] == 1
+
+
+def test_diagnosis_dumps_replay_into_the_same_tally(tmp_path: Path) -> None:
+    from .diagnose import retally, write_diagnosis
+
+    journal = [
+        (0, 1_000, {"t": "cycle", "c": "x", "b": [["usage", 0, 9]], "w": [], "trigger": "closed"}),
+        (1, 1_001, {"t": "sent", "c": "x", "r": 0, "cells": [D1, D2]}),
+        (2, 1_002, {"t": "ack", "c": "x", "r": 0, "cells": [D1, D2]}),
+    ]
+    apps = [
+        {
+            "seq": 1,
+            "label": "a#1",
+            "wall": 1.0015,
+            "stream": "s",
+            "answered": False,
+            "why": "hang",
+            "cells": [[W1, "10"]],
+        },
+        {
+            "seq": 2,
+            "label": "a#1",
+            "wall": 1.0016,
+            "stream": "s",
+            "answered": True,
+            "why": "",
+            "cells": [[W1, "10"], [W2, "2.5"]],
+        },
+    ]
+    path = write_diagnosis(tmp_path, [W1], apps, journal, cell_digest)
+    text = path.read_text()
+    assert "UNANSWERED (hang)" in text and "ack  cycle x request 0 (closed, boundary p0<9)" in text
+    (tmp_path / "truth.jsonl").write_text(f"{json.dumps([W1, '10', 3])}\n{json.dumps([W2, '2.5', 1])}\n")
+    again = retally(tmp_path)
+    assert again.ok and again.double_cells == 1, again.problems
