@@ -240,7 +240,8 @@ class KafkaJournalStore:
         self._claimed: dict[TP, int] = {}  # partition → offset of this member's latest claim
         self._lost: set[TP] = set()  # claimed by another member since
         self._tail: AIOKafkaConsumer | None = None
-        self._tail_next = 0
+        self._tail_next = 0  # first journal offset this member has not yet examined
+        self._tail_at = -1  # where the tail consumer is positioned; seek only when it differs
 
     async def append(self, entries: list[dict[str, Any]]) -> None:
         futures = [
@@ -264,21 +265,31 @@ class KafkaJournalStore:
     async def _read_tail(self, upto: int) -> None:
         tp = TopicPartition(self.topic, 0)
         if self._tail is None:
+            # A short fetch wait: the tail is read before every request, and the record it waits for was
+            # just appended, so a long poll would only add latency to each send.
             self._tail = AIOKafkaConsumer(
-                enable_auto_commit=False, group_id=None, **connection_options(self.s)
+                enable_auto_commit=False, group_id=None, fetch_max_wait_ms=10, **connection_options(self.s)
             )
             await self._tail.start()
             self._tail.assign([tp])
-        self._tail.seek(tp, self._tail_next)
+        if self._tail_at != self._tail_next:
+            # Only after a claim moved `_tail_next` past what was read: a seek discards the prefetch.
+            self._tail.seek(tp, self._tail_next)
+            self._tail_at = self._tail_next
+        self._tail.resume(tp)
         deadline = time.monotonic() + 30
         while self._tail_next <= upto:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"journal tail did not reach offset {upto}")
             batch = await self._tail.getmany(tp, timeout_ms=200)
             for rec in batch.get(tp, []):
+                self._tail_at = rec.offset + 1
+                if rec.offset < self._tail_next:
+                    continue
                 self._tail_next = rec.offset + 1
                 if rec.key == self.key:
                     self._note_claim(orjson.loads(rec.value), rec.offset)
+        self._tail.pause(tp)  # no polling the broker every 10 ms between requests
 
     def _note_claim(self, entry: dict[str, Any], offset: int) -> None:
         if entry.get("t") != "barrier" or entry.get("g") != self.s.group_id:
