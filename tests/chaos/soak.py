@@ -392,7 +392,9 @@ class Soak:
             return
         await self.stack.scrape(slot)
         code, seconds = await self.stack.term_slot(slot, _SHUTDOWN_TIMEOUT + 15)
-        self.note("terminated", slot=label, code=code, seconds=round(seconds, 2))
+        self.note("terminated", slot=label, code=code, seconds=round(seconds, 2), killed=slot.killed)
+        if slot.killed:
+            return  # the schedule's SIGKILL overtook the shutdown: the exit says nothing about it
         if code != 0 or seconds > _SHUTDOWN_TIMEOUT + _EXIT_SLACK:
             self.findings.append(
                 f"SIGTERM: {label} exited with {code} after {seconds:.1f} s (shutdown_timeout "

@@ -94,6 +94,7 @@ class Slot:
     key_file: Path
     incarnation: int = 0
     expect_exit: bool = False  # set before the soak signals it, so the watchdog can tell a crash
+    killed: bool = False  # SIGKILLed by the schedule (perhaps while a SIGTERM was being handled)
     keys: dict[str, str] = field(default_factory=dict)  # key → "a#3"
     last_metrics: dict[str, str] = field(default_factory=dict)  # "a#3" → last /metrics text
     stopped_at: float = 0.0
@@ -187,10 +188,12 @@ class Stack:
         with open(slot.process.log_path, "a") as log:
             log.write(json.dumps({"chaos": f"start {slot.label}", "time": time.time()}) + "\n")
         slot.expect_exit = False
+        slot.killed = False
         slot.process.start()
 
     async def kill_slot(self, slot: Slot) -> None:
         slot.expect_exit = True
+        slot.killed = True
         await slot.process.kill()
         slot.stopped_at = time.monotonic()
 
