@@ -21,6 +21,7 @@ from allocd.emit import aemit, emit
 from allocd.errors import AuthError, PermanentError, TransientError
 from allocd.events import Decoder, DecoderConfig
 from allocd.observability import Metrics
+from allocd.sources.base import Batch
 from allocd.sources.files import FileDeadLetters
 from allocd.sources.http import SPOOL_TP, HttpSource, SidecarMetrics, split_events
 from allocd.sources.spool import Spool, frame_size
@@ -28,6 +29,11 @@ from allocd.sources.spool import Spool, frame_size
 NOW = 1_795_774_503.120  # 2026-11-27T10:15:03.120Z
 NOW_MS = int(NOW * 1000)
 SECRET = "s3cret-value-for-tests"
+
+
+def flat(batches: list[Batch]) -> list[Any]:
+    """A fetch's records, whatever batches they came in."""
+    return [rec for _, records in batches for rec in records]
 
 
 def event(element: str = "hooli", value: Any = 250, **over: Any) -> dict[str, Any]:
@@ -270,14 +276,14 @@ async def test_fetch_hands_out_durable_records_in_order_from_the_seek_position(s
     listener = Listener(src, position=2)
     await src.start(listener)
     assert listener.assigned == [[SPOOL_TP]]
-    msgs = await src.fetch(1.0)
-    assert [(m.tp, m.offset, m.timestamp_ms) for m in msgs] == [(SPOOL_TP, i, NOW_MS) for i in (2, 3, 4)]
+    msgs = flat(await src.fetch(1.0))
+    assert [(m.tp, m.offset, m.timestamp) for m in msgs] == [(SPOOL_TP, i, NOW_MS) for i in (2, 3, 4)]
     assert orjson.loads(msgs[0].value)["element_name"] == "e2"
     assert await src.end_offsets([SPOOL_TP]) == {SPOOL_TP: 5}
     assert src.frontier_ms() == math.inf  # caught up
     src.seek(SPOOL_TP, 0)
     assert src.frontier_ms() == -math.inf  # a backlog, nothing read from it yet
-    assert [m.offset for m in await src.fetch(1.0)] == [0, 1, 2, 3, 4]
+    assert [m.offset for m in flat(await src.fetch(1.0))] == [0, 1, 2, 3, 4]
 
 
 async def test_fetch_waits_for_new_records_and_pause_holds_them(sidecar: Sidecar) -> None:
@@ -286,13 +292,13 @@ async def test_fetch_waits_for_new_records_and_pause_holds_them(sidecar: Sidecar
     waiting = asyncio.create_task(src.fetch(10.0))
     await asyncio.sleep(0)
     await sidecar.post(orjson.dumps(event()))
-    assert [m.offset for m in await asyncio.wait_for(waiting, 5)] == [0]
+    assert [m.offset for m in flat(await asyncio.wait_for(waiting, 5))] == [0]
     src.pause()
     await sidecar.post(orjson.dumps(event()))  # ingest goes on while paused: the spool is the buffer
     assert await src.fetch(0.05) == []
     assert not await src.caught_up(0.05)
     src.resume()
-    assert [m.offset for m in await src.fetch(1.0)] == [1]
+    assert [m.offset for m in flat(await src.fetch(1.0))] == [1]
     catching = asyncio.create_task(src.caught_up(5))
     await asyncio.sleep(0)  # let it start: it waits for a fetch *after* the call
     assert await src.fetch(0.01) == []
@@ -320,7 +326,7 @@ async def test_frontier_stays_below_a_request_still_being_stored(tmp_path: Path)
         gate.set()
         assert (await posting)[0] == 202
         assert src.frontier_ms() == -math.inf  # a backlog of one, not read yet
-        assert [m.offset for m in await src.fetch(1.0)] == [0]
+        assert [m.offset for m in flat(await src.fetch(1.0))] == [0]
         assert src.frontier_ms() == math.inf
     finally:
         gate.set()
@@ -340,7 +346,7 @@ async def test_commit_releases_whole_segments_and_reset_starts_at_the_oldest(sid
     oldest = await src.reset_position(SPOOL_TP)
     assert 0 < oldest <= 12
     src.seek(SPOOL_TP, oldest)
-    assert [m.offset for m in await src.fetch(1.0)] == list(range(oldest, 20))
+    assert [m.offset for m in flat(await src.fetch(1.0))] == list(range(oldest, 20))
 
 
 async def test_emit_sync_and_async_helpers(sidecar: Sidecar) -> None:

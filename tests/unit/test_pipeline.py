@@ -29,7 +29,7 @@ from allocd.events import Decoder, DecoderConfig
 from allocd.journal import Journal, MemoryJournalStore, cell_digest
 from allocd.observability import Health, Metrics
 from allocd.pipeline import Pipeline
-from allocd.sources.base import AssignmentListener, Message
+from allocd.sources.base import AssignmentListener, Batch, Message
 from allocd.windows import CELL_BYTES_ESTIMATE, TP
 
 pytestmark = pytest.mark.timeout(10)
@@ -99,14 +99,15 @@ class FakeSource:
         self.listener = listener
         await listener.on_assigned(self.tps)
 
-    async def fetch(self, timeout: float) -> list[Message]:
+    async def fetch(self, timeout: float) -> list[Batch]:
         self.fetches += 1
         if self.hang:
             await self.release.wait()
-        out: list[Message] = []
+        out: list[Batch] = []
         if not self.paused:
             for tp, pos in self.pos.items():
-                out.extend(self.log[tp][pos:])
+                if self.log[tp][pos:]:
+                    out.append((tp, self.log[tp][pos:]))
                 self.pos[tp] = len(self.log[tp])
         if not out:
             await asyncio.sleep(min(timeout, 0.002))
@@ -694,12 +695,12 @@ class StaleFetchSource(FakeSource):
 
     stale_once = False
 
-    async def fetch(self, timeout: float) -> list[Message]:
+    async def fetch(self, timeout: float) -> list[Batch]:
         if not self.stale_once:
             return await super().fetch(timeout)
         self.stale_once = False
         self.fetches += 1
-        out = [m for tp, pos in self.pos.items() for m in self.log[tp][pos:]]
+        out: list[Batch] = [(tp, self.log[tp][pos:]) for tp, pos in self.pos.items()]
         for tp in self.pos:
             self.pos[tp] = len(self.log[tp])
         assert self.listener is not None

@@ -234,7 +234,7 @@ class FileDeadLetters:
                 "source": msg.tp[0],
                 "partition": msg.tp[1],
                 "position": msg.offset,
-                "arrival_ms": msg.timestamp_ms,
+                "arrival_ms": msg.timestamp,
                 **_raw_fields(msg.value),
             }
             for msg, reason, detail in items

@@ -31,7 +31,7 @@ from allocd.config import SidecarSettings
 from allocd.errors import InvalidEvent
 from allocd.events import Decoder
 from allocd.observability import Metrics
-from allocd.sources.base import AssignmentListener, Message
+from allocd.sources.base import AssignmentListener, Batch, Message
 from allocd.sources.files import FileDeadLetters
 from allocd.sources.spool import FRAME_OVERHEAD, RecoveryReport, Spool, SpoolClosed, SpoolError, SpoolFull
 from allocd.webserver import bound_port, start_app
@@ -358,7 +358,7 @@ class HttpSource:
         """The spool is one partition, always ours: assign it at once (recover + seek)."""
         await listener.on_assigned([SPOOL_TP])
 
-    async def fetch(self, timeout: float) -> list[Message]:
+    async def fetch(self, timeout: float) -> list[Batch]:
         if self._position is None:  # not assigned yet: nothing to hand out
             await asyncio.sleep(timeout)
             return []
@@ -382,7 +382,7 @@ class HttpSource:
             return []
         self._position = records[-1][0] + 1
         self._seen_ms = max(self._seen_ms, max(arrival for _, arrival, _ in records))
-        return [Message(SPOOL_TP, seq, arrival, raw) for seq, arrival, raw in records]
+        return [(SPOOL_TP, [Message(SPOOL_TP, seq, arrival, raw) for seq, arrival, raw in records])]
 
     def wants_flush(self) -> bool:
         """The spool is nearly full of data that open windows still hold: deliver early, so committed

@@ -26,7 +26,7 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 
 from allocd.config import KafkaSettings
-from allocd.sources.base import AssignmentListener, LostOwnership, Message
+from allocd.sources.base import AssignmentListener, Batch, LostOwnership, Message
 from allocd.windows import TP
 
 __all__ = ["KafkaDeadLetters", "KafkaJournalStore", "KafkaSource", "connection_options", "ensure_topics"]
@@ -118,7 +118,7 @@ class KafkaSource:
         self.consumer.subscribe(topics=list(s.topics), listener=_Listener(listener))
         await self.consumer.start()
 
-    async def fetch(self, timeout: float) -> list[Message]:
+    async def fetch(self, timeout: float) -> list[Batch]:
         assert self.consumer is not None
         try:
             data = await self.consumer.getmany(timeout_ms=int(timeout * 1000))
@@ -126,10 +126,10 @@ class KafkaSource:
             log.warning("fetch failed", extra={"error": repr(exc)})
             await asyncio.sleep(min(timeout, 1.0))
             return []
-        out: list[Message] = []
+        out: list[Batch] = []
         for tp, records in data.items():
             key = (tp.topic, tp.partition)
-            out += [Message(key, r.offset, r.timestamp, r.value or b"") for r in records]
+            out.append((key, records))  # aiokafka's records as they are: no object per event
             if records:
                 self._next[key] = records[-1].offset + 1
                 self._seen_ms[key] = max(self._seen_ms.get(key, 0), max(map(_TIMESTAMP, records)))
