@@ -19,11 +19,12 @@ import json
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import orjson
 
 from allocd.cloudzero.records import (
@@ -234,6 +235,7 @@ def _constant_filter_setting(key: str, raw: Any) -> CanonicalFilter:
 
 # Event's fields as a plain tuple, in its order: what `Decoder.decode_fields` returns.
 EventFields = tuple[str, int, str, CanonicalFilter, int | Decimal, str | None, Granularity]
+_Fields = Callable[[bytes, int], EventFields]
 
 
 @dataclass(slots=True)
@@ -247,6 +249,23 @@ class Event:
     value: int | Decimal  # > 0, exact: integers stay int, anything else is the Decimal of its literal
     id: str | None
     granularity: Granularity
+
+
+_INT64_LIMIT = 1 << 63
+_TYPED_NAMES = ("element", "value", "ts", "stream", "id", "filter")
+
+
+def _typed_parser(keys: tuple[str | None, ...]) -> Callable[[bytes], Any] | None:
+    """msgspec's decoder for an object holding only the mapped keys (any other key fails the parse), the
+    filter kept as its raw JSON (an empty Raw when absent). None unless every field is mapped, each to its
+    own key: the general path handles the rest."""
+    if None in keys or len(set(keys)) != len(keys):
+        return None
+    fields: list[tuple[str, Any, Any]] = [(name, Any, None) for name in _TYPED_NAMES[:-1]]
+    fields.append(("filter", msgspec.Raw, msgspec.Raw()))
+    rename = dict(zip(_TYPED_NAMES, keys, strict=True))
+    struct = msgspec.defstruct("TypedEvent", fields, rename=rename, forbid_unknown_fields=True)
+    return msgspec.json.Decoder(struct).decode
 
 
 def _reject(exc: RecordError, fallback: str) -> InvalidEvent:
@@ -323,6 +342,7 @@ class Decoder:
         # cache also hands out one string object per name, so the accumulator's cells share it.
         self._elements: dict[str, str] = {}
         self._filters: dict[bytes, CanonicalFilter] = {}
+        self._fields, self._decode, self._general = self._hot_path()
 
     @property
     def config(self) -> DecoderConfig:
@@ -335,16 +355,7 @@ class Decoder:
     def decode_fields(self, raw: bytes, record_ts_ms: int) -> EventFields:
         """`decode` without building the Event: its fields as a tuple, in Event's order. For the pipeline's
         per-event loop, where the object and its attribute lookups cost a tenth of the decoding."""
-        if type(raw) is not bytes:
-            raw = _as_bytes(raw)
-        if len(raw) > self._max_bytes:
-            raise InvalidEvent("too_large", f"{len(raw)} bytes > {self._max_bytes}")
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            # orjson also refuses NaN/Infinity literals and numbers beyond a double (1e400)
-            raise InvalidEvent("not_json", str(exc)[:120]) from None
-        return self._decode(obj, record_ts_ms, raw)
+        return self._fields(raw, record_ts_ms)
 
     def decode_obj(self, obj: Any, record_ts_ms: int, size: int) -> Event:
         """Decode an already-parsed JSON value whose encoded form is `size` bytes (the sidecar's path).
@@ -356,65 +367,160 @@ class Decoder:
         return Event(*self._decode(obj, record_ts_ms, None))
 
     # --- the hot path ---------------------------------------------------------------------------------
-    def _decode(self, obj: Any, record_ts_ms: int, raw: bytes | None) -> EventFields:
-        if not isinstance(obj, dict):
-            raise InvalidEvent("not_object", type(obj).__name__)
-        if self._flat:
-            k = self._keys
-            get = obj.get
-            element, value, ts, stream, eid = get(k[0]), get(k[1]), get(k[2]), get(k[3]), get(k[4])
-            flt = get(k[5]) if k[5] is not None else None
-        else:
-            p = self._paths
-            element, value, ts, stream, eid, flt = (lookup(obj, path) if path else None for path in p)
+    def _hot_path(self) -> tuple[_Fields, Callable[[Any, int, Any], EventFields], _Fields]:
+        """(decode_fields, _decode, the general path's decode_fields) as closures over the configuration:
+        this runs once per event, and closure variables are read faster than attributes. The caches are
+        bound as objects: cleared, never replaced.
 
-        # Each field's common case is inline (this runs once per event); the rules are records.py's.
-        checked = self._elements.get(element) if type(element) is str else None
-        element = checked if checked is not None else self._element(element)
+        `decode_fields` first tries a typed parse (msgspec) that reads the mapped fields straight into a
+        struct and keeps the filter as its raw JSON bytes, the filter cache's key: half the cost of building
+        the dict (orjson) and re-encoding the filter for the key. It takes only messages it provably reads
+        as the general path would — ASCII without escapes, no fields but the mapped ones, the common types
+        — and hands everything else to the general path, so the answer never depends on the path
+        (test_events_fuzz.py compares the two on arbitrary input)."""
+        max_bytes = self._max_bytes
+        max_late, max_future = self._max_late, self._max_future
+        flat, paths = self._flat, self._paths
+        k_element, k_value, k_ts, k_stream, k_id, k_filter = self._keys
+        dimension_paths = self._dimension_paths
+        default_stream = self._default_stream
+        streams, elements, filters = self._streams, self._elements, self._filters
+        iso, ts_format = self._iso, self._ts_format
+        check_element, check_number, check_stream, check_filter = (
+            self._element,
+            self._number,
+            self._undeclared,
+            self._filter,
+        )
+        loads, dumps, json_error = orjson.loads, orjson.dumps, orjson.JSONDecodeError
+        hourly = Granularity.HOURLY
+        typed = _typed_parser(self._keys) if flat and not dimension_paths else None
+        # Declared stream → {raw filter JSON → canonical filter}, for the typed path.
+        raw_filters: dict[str, dict[bytes, CanonicalFilter]] = {name: {} for name in streams}
 
-        if type(value) is int and 0 < value < _INT_LIMIT:
-            number: int | Decimal = value  # what parse_value and _check_magnitude would let through
-        else:
-            number = self._number(value, raw)
-
-        if stream is None:
-            stream = self._default_stream
+        def stream_and_time(stream: Any, ts: Any, record_ts_ms: int) -> tuple[str, StreamSpec | None, int]:
             if stream is None:
-                raise InvalidEvent("missing_stream")
-        spec = self._streams.get(stream) if type(stream) is str else None
-        if spec is None:
-            self._undeclared(stream)
-
-        if ts is None:
-            ts_ms = record_ts_ms
-        else:
-            if type(ts) is str and self._iso:
+                stream = default_stream
+                if stream is None:
+                    raise InvalidEvent("missing_stream")
+            spec = streams.get(stream) if type(stream) is str else None
+            if spec is None:
+                check_stream(stream)
+            if ts is None:
+                return stream, spec, record_ts_ms
+            if type(ts) is str and iso:
                 ts_ms = iso_ms(ts)
                 if not MIN_TIMESTAMP_MS <= ts_ms <= MAX_TIMESTAMP_MS:
                     raise InvalidEvent("invalid_timestamp", "outside the years 1 to 9999")
             else:
-                ts_ms = timestamp_ms(ts, self._ts_format)
-            if ts_ms < record_ts_ms - self._max_late:
+                ts_ms = timestamp_ms(ts, ts_format)
+            if ts_ms < record_ts_ms - max_late:
                 raise InvalidEvent("too_late", f"{record_ts_ms - ts_ms} ms before arrival")
-            if ts_ms > record_ts_ms + self._max_future:
+            if ts_ms > record_ts_ms + max_future:
                 raise InvalidEvent("future", f"{ts_ms - record_ts_ms} ms after arrival")
+            return stream, spec, ts_ms
 
-        if self._dimension_paths:
-            parts = [stream, flt, *(lookup(obj, path) for path in self._dimension_paths)]
-        else:
-            parts = [stream, flt]
-        try:  # the filter cache's key: the JSON of the stream, the filter object and the mapped values
-            key = orjson.dumps(parts, option=_PLAIN_JSON_ONLY)
-        except TypeError:  # not plain JSON (decode_obj's arbitrary objects): validated, never cached
-            key = None
-        canon = self._filters.get(key) if key is not None else None
-        if canon is None:
-            canon = self._filter(stream, parts[1:], key)
+        def decode(obj: Any, record_ts_ms: int, raw: bytes | None) -> EventFields:
+            """The general path: any JSON value, any mapping."""
+            if not isinstance(obj, dict):
+                raise InvalidEvent("not_object", type(obj).__name__)
+            if flat:
+                get = obj.get
+                element, value, ts, stream, eid = (
+                    get(k_element),
+                    get(k_value),
+                    get(k_ts),
+                    get(k_stream),
+                    get(k_id),
+                )
+                flt = get(k_filter) if k_filter is not None else None
+            else:
+                element, value, ts, stream, eid, flt = (lookup(obj, path) if path else None for path in paths)
 
-        if eid is not None and (type(eid) is not str or not eid.isascii()):
-            eid = _id_text(eid)
-        granularity = spec.granularity if spec is not None else Granularity.HOURLY
-        return (stream, ts_ms, element, canon, number, eid, granularity)
+            # Each field's common case is inline; the rules are records.py's.
+            checked = elements.get(element) if type(element) is str else None
+            element = checked if checked is not None else check_element(element)
+            if type(value) is int and 0 < value < _INT_LIMIT:
+                number: int | Decimal = value  # what parse_value and _check_magnitude would let through
+            else:
+                number = check_number(value, raw)
+            stream, spec, ts_ms = stream_and_time(stream, ts, record_ts_ms)
+
+            if dimension_paths:
+                parts = [stream, flt, *(lookup(obj, path) for path in dimension_paths)]
+            else:
+                parts = [stream, flt]
+            try:  # the filter cache's key: the JSON of the stream, the filter object and the mapped values
+                key = dumps(parts, option=_PLAIN_JSON_ONLY)
+            except TypeError:  # not plain JSON (decode_obj's arbitrary objects): validated, never cached
+                key = None
+            canon = filters.get(key) if key is not None else None
+            if canon is None:
+                canon = check_filter(stream, parts[1:], key)
+
+            if eid is not None and (type(eid) is not str or not eid.isascii()):
+                eid = _id_text(eid)
+            return (stream, ts_ms, element, canon, number, eid, spec.granularity if spec else hourly)
+
+        def general(raw: Any, record_ts_ms: int) -> EventFields:
+            if type(raw) is not bytes:
+                raw = _as_bytes(raw)
+            if len(raw) > max_bytes:
+                raise InvalidEvent("too_large", f"{len(raw)} bytes > {max_bytes}")
+            try:
+                obj = loads(raw)
+            except json_error as exc:
+                # orjson also refuses NaN/Infinity literals and numbers beyond a double (1e400)
+                raise InvalidEvent("not_json", str(exc)[:120]) from None
+            return decode(obj, record_ts_ms, raw)
+
+        if typed is None:
+            return general, decode, general
+
+        def fields(raw: bytes, record_ts_ms: int) -> EventFields:
+            # ASCII without backslashes: every string reads the same in both parsers, none can be invalid.
+            if type(raw) is not bytes or len(raw) > max_bytes or not raw.isascii() or b"\\" in raw:
+                return general(raw, record_ts_ms)
+            try:
+                ev = typed(raw)
+            except Exception:  # malformed, another shape, an unknown field: the general path says what
+                return general(raw, record_ts_ms)
+            element, value, ts, stream, eid = ev.element, ev.value, ev.ts, ev.stream, ev.id
+            if not (
+                type(element) is str
+                and type(value) is int
+                and 0 < value < _INT64_LIMIT  # orjson reads larger integers as floats
+                and (type(ts) is str or ts is None)
+                and (type(stream) is str or stream is None)
+                and (type(eid) is str or eid is None)
+            ):
+                return general(raw, record_ts_ms)
+            key = bytes(ev.filter)
+            known = raw_filters.get(stream if stream is not None else default_stream)
+            canon = known.get(key) if known is not None else None
+            if canon is None and key:
+                # Parsed before any rule can reject the event: the typed parser only skipped over the
+                # filter, so JSON that orjson refuses must reach the general path (not_json) first.
+                try:
+                    flt = loads(key)
+                except json_error:
+                    return general(raw, record_ts_ms)
+            else:
+                flt = None
+            checked = elements.get(element)
+            element = checked if checked is not None else check_element(element)
+            stream, spec, ts_ms = stream_and_time(stream, ts, record_ts_ms)
+            if canon is None:  # through the general path's cache; remembered by raw JSON when declared
+                parts = [stream, flt]
+                general_key = dumps(parts)
+                canon = filters.get(general_key) or check_filter(stream, parts[1:], general_key)
+                if known is not None and len(key) <= _FILTER_CACHE_MAX_KEY:
+                    if len(known) >= _FILTER_CACHE_SIZE:
+                        known.clear()
+                    known[key] = canon
+            return (stream, ts_ms, element, canon, value, eid, spec.granularity if spec else hourly)
+
+        return fields, decode, general
 
     def _element(self, element: Any) -> str:
         """Validate an element name not in the cache; cache it (a bounded number of names)."""

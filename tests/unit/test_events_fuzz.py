@@ -21,7 +21,7 @@ from allocd.cloudzero.records import (
 )
 from allocd.errors import InvalidEvent
 from allocd.events import REASONS, Decoder, DecoderConfig, Event, StreamSpec
-from allocd.mapping import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, FieldMapping
+from allocd.mapping import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, FieldMapping, _parse_iso_ms, iso_ms
 
 ARRIVAL = 1_795_774_503_120
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -231,3 +231,164 @@ def test_valid_events_round_trip_exactly(element: str, value: int | Decimal) -> 
     assert ev.element == element
     assert ev.value == value
     assert type(ev.value) is (Decimal if "." in literal or "E" in literal else int)
+
+
+# --- the ISO timestamp cache ------------------------------------------------------------------------------
+_ISO_CHARS = st.sampled_from("0123456789-T:.Zz +٣")  # with a non-ASCII digit, which int() would read
+
+
+@st.composite
+def _iso_like(draw: st.DrawFn) -> str:
+    """Near-canonical timestamps: mostly valid, sometimes with a field out of range or a character off."""
+    year = draw(st.integers(1, 9999))
+    parts = [
+        f"{year:04d}",
+        "-",
+        f"{draw(st.integers(0, 13)):02d}",
+        "-",
+        f"{draw(st.integers(0, 32)):02d}",
+        "T",
+        f"{draw(st.integers(0, 24)):02d}",
+        ":",
+        f"{draw(st.integers(0, 60)):02d}",
+        ":",
+        f"{draw(st.integers(0, 60)):02d}",
+        draw(st.sampled_from(["", ".", ".1", ".12", ".123", ".1234", ".123456"])),
+        draw(st.sampled_from(["", "Z", "z", "+00:00", "+01:00", "-05:30"])),
+    ]
+    text = "".join(parts)
+    if draw(st.booleans()):  # one character replaced
+        i = draw(st.integers(0, len(text) - 1))
+        text = text[:i] + draw(_ISO_CHARS) + text[i + 1 :]
+    return text
+
+
+def _read(read: Any, text: str) -> int | str:
+    try:
+        return read(text)
+    except InvalidEvent as exc:
+        return exc.reason
+
+
+@FUZZ
+@given(st.lists(_iso_like(), min_size=1, max_size=20))
+def test_cached_iso_reading_equals_the_uncached_one(texts: list[str]) -> None:
+    """The cache answers from a second and a tail seen before; it must never answer differently, nor
+    accept what the parser refuses. Each text is read twice, so the second read can come from the cache."""
+    for text in texts + texts:
+        assert _read(iso_ms, text) == _read(_parse_iso_ms, text), text
+
+
+# --- the typed path against the general path -------------------------------------------------------------
+# Fresh decoders of the same configurations, read only through the general path: their caches never see
+# what the typed path stored, so a cache entry that changed an answer would show as a difference.
+REFERENCE = [Decoder(d.config) for d in DECODERS]
+
+
+def _outcome(fields: Any, raw: bytes) -> Any:
+    try:
+        return fields(raw, ARRIVAL)
+    except InvalidEvent as exc:
+        return exc.reason
+
+
+def _agree(which: int, raw: bytes) -> None:
+    assert _outcome(DECODERS[which]._fields, raw) == _outcome(REFERENCE[which]._general, raw), raw
+
+
+@FUZZ
+@given(obj=st.one_of(near_events(), events, json_values), which=st.integers(0, len(DECODERS) - 1))
+def test_the_typed_path_answers_as_the_general_path(obj: Any, which: int) -> None:
+    _agree(which, json.dumps(obj, default=str).encode("utf-8", "surrogatepass"))
+    _agree(
+        which,
+        json.dumps(obj, default=str, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "surrogatepass"
+        ),
+    )
+
+
+# Byte-level damage to a canonical event: what a typed parser that skips over values could miss.
+_SPLICES = st.sampled_from(
+    [
+        b"\xff",
+        b"\xed\xa0\x80",
+        b"\\",
+        b"\\u00e9",
+        b"1e400",
+        b"NaN",
+        b",",
+        b"]",
+        b"}",
+        b"[",
+        b"{",
+        b'"',
+        b" ",
+        b"\x01",
+        b"-0",
+        b"18446744073709551616",
+        b'"x":1,',
+        b'"value":2,',
+        b'"filter":{"custom:feature":["b"]},',
+        b'"id":7,',
+        b'"id":null,',
+        b"\xc3\xa9",
+        b"0",
+        b"null",
+        b"true",
+        b"[[[[[[[[",
+        b"]]]]]]]]",
+    ]
+)
+
+
+@st.composite
+def damaged_events(draw: st.DrawFn) -> bytes:
+    stream, flt = draw(routes)
+    obj: dict[str, Any] = {
+        "id": draw(st.none() | st.text(max_size=6)),
+        "timestamp": draw(near_times),
+        "stream": stream,
+        "element_name": draw(names),
+        "value": draw(st.integers(1, 2**65) | amounts),
+    }
+    if flt is not None:
+        obj["filter"] = flt
+    raw = json.dumps(obj, default=str, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    for _ in range(draw(st.integers(0, 3))):
+        i = draw(st.integers(0, len(raw)))
+        cut = draw(st.integers(0, 2))
+        raw = raw[:i] + draw(_SPLICES) + raw[i + cut :]
+    return raw
+
+
+@FUZZ
+@given(raw=damaged_events(), which=st.integers(0, len(DECODERS) - 1))
+def test_the_typed_path_answers_as_the_general_path_on_damaged_bytes(raw: bytes, which: int) -> None:
+    _agree(which, raw)
+
+
+def test_the_typed_path_on_the_cases_it_must_hand_over() -> None:
+    """The canonical event, and what the typed path must leave to the general path (same answers)."""
+    dec = DECODERS[0]
+    good = {
+        "id": "e1",
+        "timestamp": "2026-11-27T10:15:03.120Z",
+        "stream": "billing-usage",
+        "element_name": "hooli",
+        "filter": {"custom:feature": ["billing"], "tag:environment": ["prod"]},
+        "value": 250,
+    }
+    assert dec._fields(orjson.dumps(good), ARRIVAL)[4] == 250
+    handed_over = [
+        {**good, "extra": 1},  # an unmapped field
+        {**good, "element_name": "hööli"},  # not ASCII
+        {**good, "value": 2**64},  # read as a float by orjson
+        {**good, "value": 1.5},
+        {**good, "filter": {"custom:feature": ["bil\\ling"], "tag:environment": ["prod"]}},  # an escape
+    ]
+    for obj in handed_over:
+        raw = json.dumps(obj).encode()
+        assert _outcome(dec._fields, raw) == _outcome(REFERENCE[0]._general, raw)
+    # A filter the typed parser skipped over but orjson refuses: not_json, as the general path says.
+    assert _outcome(dec._fields, orjson.dumps(good).replace(b'["prod"]', b"[1e400]")) == "not_json"
