@@ -434,13 +434,13 @@ async def read_committed(
         request_timeout_ms=int(timeout * 1000),
     )
     tps = [TopicPartition(topic, p) for p in partitions]
-    async with asyncio.timeout(timeout):
-        await consumer.start()
-        try:
+    try:  # stopped also when cancelled or timed out inside start()
+        async with asyncio.timeout(timeout):
+            await consumer.start()
             consumer.assign(tps)
             return {tp.partition: await consumer.committed(tp) for tp in tps}
-        finally:
-            await consumer.stop()
+    finally:
+        await consumer.stop()
 
 
 async def consume_all(

@@ -352,10 +352,11 @@ class Decoder:
         """Decode one message; `record_ts_ms` is its source timestamp (arrival). Raises InvalidEvent only."""
         return Event(*self.decode_fields(raw, record_ts_ms))
 
-    def decode_fields(self, raw: bytes, record_ts_ms: int) -> EventFields:
-        """`decode` without building the Event: its fields as a tuple, in Event's order. For the pipeline's
-        per-event loop, where the object and its attribute lookups cost a tenth of the decoding."""
-        return self._fields(raw, record_ts_ms)
+    @property
+    def decode_fields(self) -> _Fields:
+        """`decode` without building the Event, as a plain function (raw, record_ts_ms) → the Event's fields
+        as a tuple, in its order. For the pipeline's per-event loop: no object, no method call per event."""
+        return self._fields
 
     def decode_obj(self, obj: Any, record_ts_ms: int, size: int) -> Event:
         """Decode an already-parsed JSON value whose encoded form is `size` bytes (the sidecar's path).

@@ -108,12 +108,13 @@ async def run_keyhour(
     await journal_producer.start()
     await producer.start()
     client = make_client(settings, make_key(settings), metrics)
+    store = KafkaJournalStore(k, journal_producer)
     pipeline = Pipeline(
         settings.pipeline,
         KafkaSource(k),
         Decoder(DecoderConfig.from_dict(settings.events, prefix="events.")),
         client,
-        Journal(KafkaJournalStore(k, journal_producer)),
+        Journal(store),
         KafkaDeadLetters(k.dlq_topic, journal_producer),
         metrics,
         Health(conditions=("assigned",)),
@@ -156,6 +157,7 @@ async def run_keyhour(
         stop.set()
         await asyncio.wait_for(task, 60)
         await client.close()
+        await store.close()  # its journal-tail consumer
         await producer.stop()
         await journal_producer.stop()
     text = generate_latest(metrics.registry).decode()
