@@ -23,6 +23,8 @@ from allocd.errors import InvalidEvent
 from allocd.events import REASONS, Decoder, DecoderConfig, Event, StreamSpec
 from allocd.mapping import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, FieldMapping, _parse_iso_ms, iso_ms
 
+from .test_events import CANONICAL
+
 ARRIVAL = 1_795_774_503_120
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -371,14 +373,7 @@ def test_the_typed_path_answers_as_the_general_path_on_damaged_bytes(raw: bytes,
 def test_the_typed_path_on_the_cases_it_must_hand_over() -> None:
     """The canonical event, and what the typed path must leave to the general path (same answers)."""
     dec = DECODERS[0]
-    good = {
-        "id": "e1",
-        "timestamp": "2026-11-27T10:15:03.120Z",
-        "stream": "billing-usage",
-        "element_name": "hooli",
-        "filter": {"custom:feature": ["billing"], "tag:environment": ["prod"]},
-        "value": 250,
-    }
+    good = dict(CANONICAL)
     assert dec._fields(orjson.dumps(good), ARRIVAL)[4] == 250
     handed_over = [
         {**good, "extra": 1},  # an unmapped field
