@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from allocd import __version__
-from allocd.errors import ConfigError
+from allocd.errors import ConfigError, StartupError
 
 __all__ = ["main"]
 
@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"allocd: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"allocd: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

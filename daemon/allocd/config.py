@@ -45,6 +45,7 @@ class KafkaSettings:
     rebalance_timeout_ms: int = 30_000  # how long a rebalance waits for members to release
     max_poll_records: int = 5_000
     fetch_max_bytes: int = 52_428_800
+    connect_timeout_seconds: float = 60.0  # start-up retries unreachable brokers this long, then exits
     client_id: str = "allocd"
     security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
     sasl_mechanism: str = "PLAIN"  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
@@ -72,6 +73,7 @@ class KafkaSettings:
         if self.checkpoint_topic in self.topics or self.dlq_topic in self.topics:
             raise ConfigError(f"{prefix}topics", "must not include the checkpoint or DLQ topic")
         _positive(self, prefix, "session_timeout_ms", "heartbeat_interval_ms", "max_poll_records")
+        _positive(self, prefix, "connect_timeout_seconds")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from allocd.sources.kafka import (
     KafkaJournalStore,
     KafkaSource,
     ensure_topics,
-    make_producer,
+    start_producer,
+    with_start_retry,
 )
 from allocd.webserver import write_port_file
 
@@ -158,14 +159,15 @@ async def run(settings: Settings, *, port_file: str | None = None, stop: asyncio
     if port_file:
         write_port_file(port_file, bound_port(runner))
     k = settings.kafka
-    if k.create_topics:
-        await ensure_topics(
-            k,
-            {k.checkpoint_topic: 1, k.dlq_topic: 1},
-            {k.checkpoint_topic: checkpoint_topic_configs(settings)},
-        )
-    producer = make_producer(k)
-    await producer.start()
+    try:
+        if k.create_topics:
+            topics = {k.checkpoint_topic: 1, k.dlq_topic: 1}
+            configs = {k.checkpoint_topic: checkpoint_topic_configs(settings)}
+            await with_start_retry("create topics", k, lambda: ensure_topics(k, topics, configs))
+        producer = await start_producer(k)
+    except BaseException:
+        await runner.cleanup()
+        raise
     client = make_client(settings, key, BeatingObserver(metrics, health))
     source = KafkaSource(k)
     store = KafkaJournalStore(k, producer)

@@ -2,6 +2,7 @@
 
     AllocdError
     ├── ConfigError              bad configuration: stop start-up, the message names the key
+    ├── StartupError             a dependency stayed unreachable at start-up: exit, the message says what
     ├── InvalidEvent             a bad event: send it to the DLQ with `reason`, move on
     └── DeliveryError            something went wrong talking to the API
         ├── TransientError       retry later (after `retry_after` seconds when known)
@@ -22,6 +23,7 @@ __all__ = [
     "InDoubtError",
     "InvalidEvent",
     "PermanentError",
+    "StartupError",
     "TransientError",
 ]
 
@@ -37,6 +39,10 @@ class ConfigError(AllocdError):
         self.key = key
         self.problem = problem
         super().__init__(f"config {key}: {problem}")
+
+
+class StartupError(AllocdError):
+    """Start-up could not reach what it needs (the Kafka brokers) within its configured time."""
 
 
 class InvalidEvent(AllocdError):

@@ -186,6 +186,7 @@ def daemon_config(
     max_pending_snapshots: int | None = None,
     max_open_keys: int | None = None,
     liveness_timeout: float | None = None,
+    connect_timeout: float | None = None,
     extra: str = "",
 ) -> str:
     """A daemon's TOML. Optional settings left as None are not written (the daemon's defaults apply)."""
@@ -195,6 +196,7 @@ def daemon_config(
     )
     pipeline = _optional(max_pending_snapshots=max_pending_snapshots, max_open_keys=max_open_keys)
     server = _optional(liveness_timeout_seconds=liveness_timeout)
+    kafka = _optional(connect_timeout_seconds=connect_timeout)
     return f"""
 [kafka]
 bootstrap_servers = "{bootstrap}"
@@ -205,7 +207,7 @@ dlq_topic = "{dlq_topic}"
 session_timeout_ms = {session_timeout_ms}
 heartbeat_interval_ms = {session_timeout_ms // 4}
 rebalance_timeout_ms = 10000
-
+{kafka}
 [api]
 base_url = "{api_url}"
 api_key_file = "{key_file}"

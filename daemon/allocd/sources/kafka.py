@@ -11,8 +11,9 @@ import math
 import operator
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -26,6 +27,7 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 
 from allocd.config import KafkaSettings
+from allocd.errors import StartupError
 from allocd.sources.base import AssignmentListener, Batch, LostOwnership, Message
 from allocd.windows import TP
 
@@ -56,14 +58,44 @@ def connection_options(s: KafkaSettings) -> dict[str, Any]:
     return opts
 
 
+T = TypeVar("T")
+_RETRY_MAX_DELAY = 10.0
+
+
+async def with_start_retry(what: str, s: KafkaSettings, start: Callable[[], Awaitable[T]]) -> T:
+    """Run a start-up step that needs the brokers, retrying with backoff while they cannot be reached (a
+    broker restarting, a network blip as the pod starts) for `kafka.connect_timeout_seconds`; then raise
+    StartupError. `start` must clean up after itself when it fails."""
+    deadline = time.monotonic() + s.connect_timeout_seconds
+    delay = 0.5
+    while True:
+        try:
+            return await start()
+        except KafkaError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartupError(
+                    f"{what}: the Kafka brokers at {s.bootstrap_servers} were not reachable within "
+                    f"kafka.connect_timeout_seconds ({s.connect_timeout_seconds:g} s): {exc} — check "
+                    "kafka.bootstrap_servers and the network"
+                ) from None
+            wait = min(delay, left)
+            log.warning(
+                "Kafka not reachable at start-up; retrying",
+                extra={"step": what, "error": repr(exc), "retry_in_s": round(wait, 2)},
+            )
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, _RETRY_MAX_DELAY)
+
+
 async def ensure_topics(
     s: KafkaSettings, topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None
 ) -> None:
     """Create the given topics (name → partitions) when missing, with optional topic configs; existing ones
     are left as they are."""
     admin = AIOKafkaAdminClient(**connection_options(s))
-    await admin.start()
     try:
+        await admin.start()
         existing = set(await admin.list_topics())
         configs = configs or {}
         new = [
@@ -103,8 +135,11 @@ class KafkaSource:
         self._seen_ms: dict[TP, int] = {}  # newest record timestamp read per partition
 
     async def start(self, listener: AssignmentListener) -> None:
+        self.consumer = await with_start_retry("start the consumer", self.s, lambda: self._start(listener))
+
+    async def _start(self, listener: AssignmentListener) -> AIOKafkaConsumer:
         s = self.s
-        self.consumer = AIOKafkaConsumer(
+        consumer = AIOKafkaConsumer(
             group_id=s.group_id,
             enable_auto_commit=False,
             auto_offset_reset=s.auto_offset_reset,
@@ -115,8 +150,13 @@ class KafkaSource:
             fetch_max_bytes=s.fetch_max_bytes,
             **connection_options(s),
         )
-        self.consumer.subscribe(topics=list(s.topics), listener=_Listener(listener))
-        await self.consumer.start()
+        consumer.subscribe(topics=list(s.topics), listener=_Listener(listener))
+        try:
+            await consumer.start()
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
 
     async def fetch(self, timeout: float) -> list[Batch]:
         assert self.consumer is not None
@@ -210,6 +250,21 @@ class KafkaSource:
     async def stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
+
+
+async def start_producer(s: KafkaSettings) -> AIOKafkaProducer:
+    """The journal and DLQ producer, started (retried while the brokers cannot be reached)."""
+
+    async def attempt() -> AIOKafkaProducer:
+        producer = make_producer(s)
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    return await with_start_retry("start the producer", s, attempt)
 
 
 def _producer(s: KafkaSettings) -> AIOKafkaProducer:

@@ -1,0 +1,121 @@
+"""Start-up while the brokers cannot be reached: retried (a broker restarting as the pod starts), and a
+clear exit when they stay away for `kafka.connect_timeout_seconds` (found by the chaos soak, seed 202: a
+daemon started during a broker-link fault exited with a traceback)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from allocd.embedded import produce
+
+from .harness import DaemonProcess, Generator, Stack, daemon_config, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def forwarder(port: int, upstream: str) -> AsyncIterator[None]:
+    """127.0.0.1:`port` → `upstream`, from now on: the bootstrap address becomes reachable. (Only the
+    bootstrap goes through it; the broker's metadata points the client at the broker itself.)"""
+    host, up_port = upstream.rsplit(":", 1)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(up_port))
+        for task in (
+            asyncio.create_task(_pipe(reader, up_writer)),
+            asyncio.create_task(_pipe(up_reader, writer)),
+        ):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", port)
+    try:
+        yield
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+def _daemon(stack: Stack, bootstrap: str, name: str, connect_timeout: float) -> DaemonProcess:
+    key_file = stack.workdir / f"{name}.key"
+    key_file.write_text("key-a")
+    config = daemon_config(
+        bootstrap=bootstrap,
+        topic=stack.topic,
+        api_url=stack.emulator.url,
+        key_file=key_file,
+        group=stack.group,
+        checkpoint_topic=f"{stack.group}-ckpt",
+        dlq_topic=f"{stack.group}-dlq",
+        connect_timeout=connect_timeout,
+    )
+    d = DaemonProcess(config, stack.workdir, name)
+    stack.daemons.append(d)
+    return d
+
+
+RETRYING = "Kafka not reachable at start-up; retrying"
+
+
+def _retries(d: DaemonProcess) -> int:
+    return sum(1 for line in d.log_lines() if line.get("message") == RETRYING)
+
+
+async def test_start_up_waits_for_unreachable_brokers_then_runs(stack: Stack) -> None:
+    port = _free_port()
+    d = _daemon(stack, f"127.0.0.1:{port}", "a", connect_timeout=60)
+    d.start()
+
+    async def retried() -> bool:
+        return _retries(d) >= 1
+
+    await wait_for(retried, 30, "a start-up retry logged")
+    await asyncio.sleep(1.5)  # a few more attempts (0.5 s, then 1 s apart): it must still be waiting
+    assert d.proc is not None and d.proc.poll() is None
+    async with forwarder(port, stack.broker.bootstrap):
+        await stack.ready(d)
+        gen = Generator(seed=7, elements=5)
+        await produce(stack.broker.bootstrap, stack.topic, gen.batch(500))
+        await stack.totals_equal(gen.expected())
+        assert await d.terminate() == 0
+
+
+async def test_start_up_gives_up_with_a_message_naming_the_setting(stack: Stack) -> None:
+    port = _free_port()
+    d = _daemon(stack, f"127.0.0.1:{port}", "a", connect_timeout=2)
+    started = time.monotonic()
+    d.start()
+    assert await d.wait(60) == 1
+    assert time.monotonic() - started >= 2  # it retried for the configured time
+    tail = d.log_tail()
+    assert "kafka.connect_timeout_seconds" in tail
+    assert f"127.0.0.1:{port}" in tail
+    assert "Traceback" not in tail
+    assert _retries(d) >= 1  # (repeats of one warning are rate-limited in the log)
