@@ -723,3 +723,25 @@ async def test_a_batch_fetched_across_an_assignment_is_fetched_again_not_lost() 
         rig.clock.now = w(1, GRACE + 0.5)  # window 0 closes
         await until(lambda: rig.client.totals() == rig.expected, "exact totals")
         assert accepted(rig) == 30  # 10 before the revoke, then all 20 once each
+
+
+async def test_an_assignment_during_shutdown_is_not_recovered() -> None:
+    """A rebalance that completes while the consumer leaves the group must not read the journal (slow)
+    nor take the partitions: the exit would miss shutdown_timeout, and nothing would be fetched anyway."""
+    rig = make_rig()
+    reads: list[list[TP]] = []
+    read_all = rig.store.read_all
+
+    async def counting(claim: Any = ()) -> list[dict[str, Any]]:
+        reads.append(list(claim))
+        return await read_all(claim)
+
+    rig.store.read_all = counting  # type: ignore[method-assign]
+    async with running(rig):
+        await until(lambda: P0 in rig.pipeline.parts, "the first assignment")
+        assert reads == [[P0]]
+        rig.pipeline.stopping = True
+        await rig.pipeline.on_assigned([("usage", 9)])
+        assert ("usage", 9) not in rig.pipeline.parts
+        assert reads == [[P0]]  # no recovery read
+        rig.pipeline.stopping = False
