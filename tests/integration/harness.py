@@ -368,11 +368,14 @@ class Stack:
     group: str
     daemons: list[DaemonProcess]
 
-    def daemon(self, name: str, key: str = "key-a", **options: Any) -> DaemonProcess:
+    def daemon(
+        self, name: str, key: str = "key-a", bootstrap: str | None = None, **options: Any
+    ) -> DaemonProcess:
+        """A daemon of this test's group (not started); `bootstrap` overrides the broker's address."""
         key_file = self.workdir / f"{name}.key"
         key_file.write_text(key)
         config = daemon_config(
-            bootstrap=self.broker.bootstrap,
+            bootstrap=bootstrap or self.broker.bootstrap,
             topic=self.topic,
             api_url=self.emulator.url,
             key_file=key_file,

@@ -14,7 +14,7 @@ import pytest
 
 from allocd.embedded import produce
 
-from .harness import DaemonProcess, Generator, Stack, daemon_config, wait_for
+from .harness import DaemonProcess, Generator, Stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -63,24 +63,6 @@ async def forwarder(port: int, upstream: str) -> AsyncIterator[None]:
         await server.wait_closed()
 
 
-def _daemon(stack: Stack, bootstrap: str, name: str, connect_timeout: float) -> DaemonProcess:
-    key_file = stack.workdir / f"{name}.key"
-    key_file.write_text("key-a")
-    config = daemon_config(
-        bootstrap=bootstrap,
-        topic=stack.topic,
-        api_url=stack.emulator.url,
-        key_file=key_file,
-        group=stack.group,
-        checkpoint_topic=f"{stack.group}-ckpt",
-        dlq_topic=f"{stack.group}-dlq",
-        connect_timeout=connect_timeout,
-    )
-    d = DaemonProcess(config, stack.workdir, name)
-    stack.daemons.append(d)
-    return d
-
-
 RETRYING = "Kafka not reachable at start-up; retrying"
 
 
@@ -90,7 +72,7 @@ def _retries(d: DaemonProcess) -> int:
 
 async def test_start_up_waits_for_unreachable_brokers_then_runs(stack: Stack) -> None:
     port = _free_port()
-    d = _daemon(stack, f"127.0.0.1:{port}", "a", connect_timeout=60)
+    d = stack.daemon("a", bootstrap=f"127.0.0.1:{port}", connect_timeout=60)
     d.start()
 
     async def retried() -> bool:
@@ -109,7 +91,7 @@ async def test_start_up_waits_for_unreachable_brokers_then_runs(stack: Stack) ->
 
 async def test_start_up_gives_up_with_a_message_naming_the_setting(stack: Stack) -> None:
     port = _free_port()
-    d = _daemon(stack, f"127.0.0.1:{port}", "a", connect_timeout=2)
+    d = stack.daemon("a", bootstrap=f"127.0.0.1:{port}", connect_timeout=2)
     started = time.monotonic()
     d.start()
     assert await d.wait(60) == 1
