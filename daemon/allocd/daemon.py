@@ -108,6 +108,9 @@ class BeatingObserver:
     def on_in_doubt(self, op: str, records: int) -> None:
         self.metrics.on_in_doubt(op, records)
 
+    def on_rejected(self, op: str, records: int) -> None:
+        self.metrics.on_rejected(op, records)
+
     def on_rate_wait(self, seconds: float) -> None:
         self.health.beat("flush")
         self.metrics.on_rate_wait(seconds)

@@ -3,7 +3,7 @@
 Every metric is declared once, in `Metrics`, on its own registry (tests build several); stages receive the
 `Metrics` object and call its small methods rather than touching prometheus_client themselves. `Metrics`
 also implements the API client's observer interface (`on_request`, `on_retry`, `on_in_doubt`,
-`on_rate_wait`) by duck typing. Structured logging lives in `allocd.logs`.
+`on_rejected`, `on_rate_wait`) by duck typing. Structured logging lives in `allocd.logs`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ _RATE_WINDOW = 3_600.0  # time constant of the projected daily rate
 _MIN_RATE_SPAN = 60.0  # never project a day from less than a minute of sending
 # 4xx answers that refuse records for good (dead-lettered, see errors.PermanentError); 403 is auth,
 # 408 and 429 are retried.
-_NOT_REJECTIONS = frozenset({403, 408, 429})
 
 _FLUSH_SECONDS_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 _FLUSH_RECORDS_BUCKETS = (1, 10, 100, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000)
@@ -349,8 +348,6 @@ class Metrics:
             self._count_accepted(records)
         elif status == 403:
             self.api_auth_failures.inc()
-        elif 400 <= status < 500 and status not in _NOT_REJECTIONS:
-            self.api_rejected_records.labels(op).inc(records)
 
     def on_retry(self, op: str, reason: str) -> None:
         self.api_retries.labels(op, reason).inc()
@@ -358,6 +355,11 @@ class Metrics:
     def on_in_doubt(self, op: str, records: int) -> None:
         self.api_in_doubt_requests.labels(op).inc()
         self.api_in_doubt_records.labels(op).inc(records)
+
+    def on_rejected(self, op: str, records: int) -> None:
+        """Counted when the client settles them as refused, not per 400'd attempt: bisection sends the
+        same records again, and only the ones it narrows the refusal down to are dead-lettered."""
+        self.api_rejected_records.labels(op).inc(records)
 
     def on_rate_wait(self, seconds: float) -> None:
         self.rate_wait.inc(seconds)

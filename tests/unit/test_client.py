@@ -149,6 +149,7 @@ class Recorder(ClientObserver):
         self.requests: list[tuple[str, int | None, int]] = []
         self.retries: list[str] = []
         self.in_doubt: list[int] = []
+        self.rejected: list[int] = []
         self.rate_waits: list[float] = []
 
     def on_request(self, op: str, status: int | None, records: int, seconds: float) -> None:
@@ -159,6 +160,9 @@ class Recorder(ClientObserver):
 
     def on_in_doubt(self, op: str, records: int) -> None:
         self.in_doubt.append(records)
+
+    def on_rejected(self, op: str, records: int) -> None:
+        self.rejected.append(records)
 
     def on_rate_wait(self, seconds: float) -> None:
         self.rate_waits.append(seconds)
@@ -421,9 +425,11 @@ async def test_bisection_isolates_exactly_the_bad_records() -> None:
     bad = {3, 11, 12}
     records = [rec(i, element=f"bad-{i}" if i in bad else None) for i in range(20)]
     respond = reject_if(lambda r: r["element_name"].startswith("bad"), message="Invalid Schema: bad element")
-    async with serve(respond) as api, make_client(api.url) as client:
+    observer = Recorder()
+    async with serve(respond) as api, make_client(api.url, observer=observer) as client:
         out = await client.send_request("s", Op.SUM, records)
     assert out.rejected == [(i, "Invalid Schema: bad element") for i in sorted(bad)]
+    assert sum(observer.rejected) == len(bad)  # not every record of every 400'd attempt
     assert out.delivered == [i for i in range(20) if i not in bad]
     assert out.settled
     # Every good record applied exactly once, no bad one at all.

@@ -175,16 +175,22 @@ def test_on_request_without_answer_is_labelled_error_and_not_budgeted() -> None:
     assert value(metrics, "allocd_api_records_sent_today") == 0
 
 
-@pytest.mark.parametrize(
-    ("status", "auth", "rejected"), [(403, 1, 0), (400, 0, 7), (413, 0, 7), (429, 0, 0), (503, 0, 0)]
-)
-def test_on_request_failures_move_auth_and_rejection_counters(status: int, auth: int, rejected: int) -> None:
+@pytest.mark.parametrize(("status", "auth"), [(403, 1), (400, 0), (413, 0), (429, 0), (503, 0)])
+def test_on_request_failures_move_the_auth_counter_only(status: int, auth: int) -> None:
     metrics = Metrics()
     metrics.on_request("sum", status, 7, 0.1)
     assert value(metrics, "allocd_api_requests_total", op="sum", status=str(status)) == 1
     assert value(metrics, "allocd_api_auth_failures_total") == auth
-    assert value(metrics, "allocd_api_rejected_records_total", op="sum") == rejected
+    # A 400 is bisected: only the records the client settles as refused count (on_rejected).
+    assert value(metrics, "allocd_api_rejected_records_total", op="sum") == 0
     assert value(metrics, "allocd_api_records_sent_today") == 0
+
+
+def test_on_rejected_counts_records_refused_for_good() -> None:
+    metrics = Metrics()
+    metrics.on_rejected("sum", 3)
+    metrics.on_rejected("sum", 1)
+    assert value(metrics, "allocd_api_rejected_records_total", op="sum") == 4
 
 
 def test_on_retry_on_in_doubt_and_on_rate_wait() -> None:

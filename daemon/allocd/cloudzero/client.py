@@ -163,6 +163,9 @@ class ClientObserver:
     def on_in_doubt(self, op: str, records: int) -> None:
         """An attempt carrying `records` records may or may not have been applied."""
 
+    def on_rejected(self, op: str, records: int) -> None:
+        """`records` records were refused for good (after bisection narrowed a 400/413 down to them)."""
+
     def on_rate_wait(self, seconds: float) -> None:
         """The rate limiter held a request back for `seconds` (0 when it went at once)."""
 
@@ -522,6 +525,7 @@ class CloudZeroClient:
     def _reject(self, run: _Run, indexes: list[int], attempt: _Attempt) -> None:
         message = attempt.message or f"HTTP {attempt.status}"
         run.outcome.rejected.extend((i, message) for i in indexes)
+        self._notify("on_rejected", run.op.value, len(indexes))
         log.warning(
             "%d records rejected (%s): %s",
             len(indexes),
