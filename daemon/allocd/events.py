@@ -514,7 +514,9 @@ class Decoder:
             if canon is None:  # through the general path's cache; remembered by raw JSON when declared
                 parts = [stream, flt]
                 general_key = dumps(parts)
-                canon = filters.get(general_key) or check_filter(stream, parts[1:], general_key)
+                canon = filters.get(general_key)
+                if canon is None:  # (an empty filter is a valid, falsy canonical filter)
+                    canon = check_filter(stream, parts[1:], general_key)
                 if known is not None and len(key) <= _FILTER_CACHE_MAX_KEY:
                     if len(known) >= _FILTER_CACHE_SIZE:
                         known.clear()

@@ -53,8 +53,6 @@ DLQ_KINDS = ("event", "record")
 _DAY = 86_400.0
 _RATE_WINDOW = 3_600.0  # time constant of the projected daily rate
 _MIN_RATE_SPAN = 60.0  # never project a day from less than a minute of sending
-# 4xx answers that refuse records for good (dead-lettered, see errors.PermanentError); 403 is auth,
-# 408 and 429 are retried.
 
 _FLUSH_SECONDS_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 _FLUSH_RECORDS_BUCKETS = (1, 10, 100, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000)

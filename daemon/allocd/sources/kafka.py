@@ -11,7 +11,7 @@ import math
 import operator
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -267,12 +267,6 @@ async def start_producer(s: KafkaSettings) -> AIOKafkaProducer:
     return await with_start_retry("start the producer", s, attempt)
 
 
-def _producer(s: KafkaSettings) -> AIOKafkaProducer:
-    return AIOKafkaProducer(
-        acks="all", linger_ms=2, max_request_size=4 * 1024 * 1024, **connection_options(s)
-    )
-
-
 class KafkaJournalStore:
     """The journal in the checkpoint topic (one partition), keyed by group. Reading produces a barrier
     first and reads up to its acknowledged offset, because the broker's end offset can under-report.
@@ -311,7 +305,7 @@ class KafkaJournalStore:
         for meta in await asyncio.gather(*futures):
             self._last_appended = max(self._last_appended, meta.offset)
 
-    async def still_owner(self, tps: Any) -> bool:
+    async def still_owner(self, tps: Iterable[TP]) -> bool:
         upto = self._last_appended
         if upto >= self._tail_next:
             await self._read_tail(upto)
@@ -361,7 +355,7 @@ class KafkaJournalStore:
             await self._tail.stop()
             self._tail = None
 
-    async def read_all(self, claim: Any = ()) -> list[dict[str, Any]]:
+    async def read_all(self, claim: Iterable[TP] = ()) -> list[dict[str, Any]]:
         barrier = uuid.uuid4().hex
         claimed = [[t, p] for t, p in claim]
         meta = await self.producer.send_and_wait(
@@ -439,4 +433,7 @@ class KafkaDeadLetters:
 
 
 def make_producer(settings: KafkaSettings) -> AIOKafkaProducer:
-    return _producer(settings)
+    """The journal and DLQ producer (not started): acks from all replicas, a short linger."""
+    return AIOKafkaProducer(
+        acks="all", linger_ms=2, max_request_size=4 * 1024 * 1024, **connection_options(settings)
+    )
