@@ -5,14 +5,13 @@ daemon started during a broker-link fault exited with a traceback)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
 from allocd.embedded import produce
+from tests.chaos.proxy import FaultProxy
 
 from .harness import DaemonProcess, Generator, Stack, wait_for
 
@@ -23,44 +22,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-
-
-@contextlib.asynccontextmanager
-async def forwarder(port: int, upstream: str) -> AsyncIterator[None]:
-    """127.0.0.1:`port` → `upstream`, from now on: the bootstrap address becomes reachable. (Only the
-    bootstrap goes through it; the broker's metadata points the client at the broker itself.)"""
-    host, up_port = upstream.rsplit(":", 1)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(host, int(up_port))
-        for task in (
-            asyncio.create_task(_pipe(reader, up_writer)),
-            asyncio.create_task(_pipe(up_reader, writer)),
-        ):
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    server = await asyncio.start_server(accept, "127.0.0.1", port)
-    try:
-        yield
-    finally:
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
 
 
 RETRYING = "Kafka not reachable at start-up; retrying"
@@ -81,12 +42,19 @@ async def test_start_up_waits_for_unreachable_brokers_then_runs(stack: Stack) ->
     await wait_for(retried, 30, "a start-up retry logged")
     await asyncio.sleep(1.5)  # a few more attempts (0.5 s, then 1 s apart): it must still be waiting
     assert d.proc is not None and d.proc.poll() is None
-    async with forwarder(port, stack.broker.bootstrap):
+    # The bootstrap address opens: a plain forwarder to the broker (only the bootstrap goes through it; the
+    # broker's metadata points the client at the broker itself).
+    host, broker_port = stack.broker.bootstrap.rsplit(":", 1)
+    forwarder = FaultProxy("bootstrap", (host, int(broker_port)), port=port)
+    await forwarder.start()
+    try:
         await stack.ready(d)
         gen = Generator(seed=7, elements=5)
         await produce(stack.broker.bootstrap, stack.topic, gen.batch(500))
         await stack.totals_equal(gen.expected())
         assert await d.terminate() == 0
+    finally:
+        await forwarder.stop()
 
 
 async def test_start_up_gives_up_with_a_message_naming_the_setting(stack: Stack) -> None:
