@@ -32,9 +32,30 @@ from tests.integration.harness import (
     metric_value,
 )
 
-__all__ = ["BENCH_KEY", "compare_totals", "records_sent", "run_end_to_end"]
+__all__ = ["BENCH_KEY", "bench_config", "compare_totals", "records_sent", "run_end_to_end"]
 
 BENCH_KEY = "bench-key"
+
+
+def bench_config(
+    bootstrap: str, topic: str, api_url: str, group: str, workdir: Path, name: str, grace_seconds: float
+) -> str:
+    """The daemon TOML of scenarios 2 and 4: the streams' own (HOURLY) windows, the given grace, the API
+    rate limit raised; the key file `<name>.key` is written in `workdir`."""
+    key_file = workdir / f"{name}.key"
+    key_file.write_text(BENCH_KEY)
+    return daemon_config(
+        bootstrap=bootstrap,
+        topic=topic,
+        api_url=api_url,
+        key_file=key_file,
+        group=group,
+        checkpoint_topic=f"{group}-ckpt",
+        dlq_topic=f"{group}-dlq",
+        window_seconds=0,  # the streams' own granularity: HOURLY
+        grace_seconds=grace_seconds,
+        records_per_second=1_000_000,
+    )
 
 
 async def records_sent(session: aiohttp.ClientSession, api_url: str) -> int:
@@ -131,20 +152,9 @@ async def run_end_to_end(
 ) -> Result:
     group = f"bench-{uuid.uuid4().hex[:8]}"
     await create_topics(bootstrap, {f"{group}-ckpt": 1, f"{group}-dlq": 1})
-    key_file = workdir / "bench.key"
-    key_file.write_text(BENCH_KEY)
-    config = daemon_config(
-        bootstrap=bootstrap,
-        topic=topic,
-        api_url=api_url,
-        key_file=key_file,
-        group=group,
-        checkpoint_topic=f"{group}-ckpt",
-        dlq_topic=f"{group}-dlq",
-        window_seconds=0,  # the streams' own granularity: HOURLY
-        grace_seconds=300,  # the default
-        records_per_second=1_000_000,
-    )
+    config = bench_config(
+        bootstrap, topic, api_url, group, workdir, "bench", grace_seconds=300
+    )  # the default
     daemon = DaemonProcess(config, workdir, "allocd-e2e")
     events = sum(ends.values())
     async with aiohttp.ClientSession() as session:

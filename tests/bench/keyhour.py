@@ -31,10 +31,10 @@ from allocd.journal import Journal
 from allocd.observability import Health, Metrics
 from allocd.pipeline import Pipeline
 from allocd.sources.kafka import KafkaDeadLetters, KafkaJournalStore, KafkaSource, make_producer
-from tests.bench.end_to_end import BENCH_KEY, compare_totals, records_sent
+from tests.bench.end_to_end import bench_config, compare_totals, records_sent
 from tests.bench.measure import Result
 from tests.bench.workload import HOUR_MS, Truth, Workload, generate
-from tests.integration.harness import daemon_config, metric_value
+from tests.integration.harness import metric_value
 
 __all__ = ["run_keyhour"]
 
@@ -82,23 +82,8 @@ async def run_keyhour(
     start = w.start_ms()
     truth: Truth = {}
     steps = _steps(list(generate(w, start, truth)), start, step_s * 1000)
-    key_file = workdir / "steady.key"
-    key_file.write_text(BENCH_KEY)
     config_path = workdir / "steady.toml"
-    config_path.write_text(
-        daemon_config(
-            bootstrap=bootstrap,
-            topic=topic,
-            api_url=api_url,
-            key_file=key_file,
-            group=group,
-            checkpoint_topic=f"{group}-ckpt",
-            dlq_topic=f"{group}-dlq",
-            window_seconds=0,
-            grace_seconds=GRACE_S,
-            records_per_second=1_000_000,
-        )
-    )
+    config_path.write_text(bench_config(bootstrap, topic, api_url, group, workdir, "steady", GRACE_S))
     settings = load_settings(config_path, env={})
     now_ms = [start]
     metrics = Metrics()
