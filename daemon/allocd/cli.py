@@ -1,4 +1,6 @@
-"""`allocd run | emulator | demo | send`: the command line. Each subcommand lives in the module it drives."""
+"""`allocd run | emulator | demo | send`: the command line, and the one `main` of every command (also
+`python -m allocd`). Each subcommand lives in the module it drives; errors become exit codes here only:
+2 for bad configuration or input (nothing was done), 1 for a dependency that failed, 130 for Ctrl-C."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from allocd import __version__
-from allocd.errors import ConfigError, StartupError
+from allocd.cloudzero.records import RecordError
+from allocd.errors import ConfigError, DeliveryError, StartupError
 
 __all__ = ["main"]
 
@@ -37,21 +40,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# An error that reaches the top → (exit code, what the message says happened).
+EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
+    (ConfigError, 2, ""),
+    (RecordError, 2, "nothing sent: "),
+    (StartupError, 1, ""),
+    (DeliveryError, 1, "nothing delivered: "),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     module = importlib.import_module(args._module)
+    prog = "allocd" if args.command == "run" else f"allocd {args.command}"
     try:
-        return asyncio.run(module.run_command(args))
-    except ConfigError as exc:
-        print(f"allocd: {exc}", file=sys.stderr)
-        return 2
-    except StartupError as exc:
-        print(f"allocd: {exc}", file=sys.stderr)
-        return 1
+        code: int = asyncio.run(module.run_command(args))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        for kind, exit_code, said in EXIT_CODES:
+            if isinstance(exc, kind):
+                print(f"{prog}: {said}{exc}", file=sys.stderr)
+                return exit_code
+        raise
+    return code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -77,7 +78,7 @@ dimensions = ["custom:feature", "tag:environment"]
 """
 
 
-def _event(rng: random.Random) -> tuple[dict[str, object], tuple[str, str, str]]:
+def _event(rng: random.Random) -> tuple[dict[str, Any], tuple[str, str, str]]:
     customer, feature = rng.choice(CUSTOMERS), rng.choice(FEATURES)
     value = rng.randint(1, 500)
     now = time.time()
@@ -173,8 +174,8 @@ async def _drive(
         batch = []
         for _ in range(max(1, args.rate // 5)):
             event, key = _event(rng)
-            truth[key] += event["value"]  # type: ignore[operator]
-            batch.append((None, event["element_name"].encode(), orjson.dumps(event)))  # type: ignore[union-attr]
+            truth[key] += event["value"]
+            batch.append((None, event["element_name"].encode(), orjson.dumps(event)))
         await produce(bootstrap, topic, batch)
         produced += len(batch)
         with contextlib.suppress(TimeoutError):

@@ -404,7 +404,7 @@ async def produce(
 
 
 async def _send(producer: AIOKafkaProducer, topic: str, msg: Message) -> asyncio.Future[RecordMetadata]:
-    return await producer.send(
+    sent: asyncio.Future[RecordMetadata] = await producer.send(
         topic,
         msg.value,
         key=msg.key,
@@ -412,6 +412,7 @@ async def _send(producer: AIOKafkaProducer, topic: str, msg: Message) -> asyncio
         timestamp_ms=msg.timestamp_ms,
         headers=list(msg.headers) or None,
     )
+    return sent
 
 
 def _fold_acks(ends: dict[int, int], acks: Iterable[RecordMetadata]) -> None:

@@ -5,9 +5,10 @@ The canonical shape needs no configuration:
     {"id": "...", "timestamp": "2026-11-27T10:15:03.120Z", "stream": "billing-usage",
      "element_name": "hooli", "filter": {"custom:feature": ["billing"]}, "value": 250}
 
-A `FieldMapping` (mapping.py) reads producers' own field names instead. Anything that cannot be counted raises
-`InvalidEvent(reason, detail)` — the pipeline sends it to the DLQ and moves on; `reason` is one of `REASONS`
-(a metric label and a DLQ header, so the codes are stable). Nothing else ever escapes `decode`.
+`[events.mapping]` (config.MappingSettings, read through mapping.py) reads producers' own field names.
+Anything that cannot be counted raises `InvalidEvent(reason, detail)` — the pipeline sends it to the DLQ
+and moves on; `reason` is one of `REASONS` (a metric label and a DLQ header, so the codes are stable).
+Nothing else ever escapes `decode`.
 
 Validity never depends on when an event is read: lateness and future are judged against the record's own
 timestamp (its arrival), so a replay classifies every event identically.
@@ -19,31 +20,29 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import orjson
 
 from allocd.cloudzero.records import (
-    MAX_DIMENSIONS,
     CanonicalFilter,
     Granularity,
     RecordError,
     canonical_filter,
-    is_recognised_dimension,
     parse_value,
     validate_element_name,
     validate_filter,
     validate_stream_name,
 )
-from allocd.errors import ConfigError, InvalidEvent
+from allocd.config import EventsSettings, StreamSettings
+from allocd.errors import InvalidEvent
 from allocd.mapping import (
     MAX_TIMESTAMP_MS,
     MIN_TIMESTAMP_MS,
-    FieldMapping,
     Path,
     dimension_values,
     iso_ms,
@@ -55,10 +54,8 @@ from allocd.mapping import (
 __all__ = [
     "REASONS",
     "Decoder",
-    "DecoderConfig",
     "Event",
     "EventFields",
-    "StreamSpec",
 ]
 
 REASONS = (
@@ -110,129 +107,6 @@ _PLAIN_JSON_ONLY = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class StreamSpec:
-    """One declared stream: what the API fixes at its first write, plus dimensions added to every event."""
-
-    name: str
-    granularity: Granularity = Granularity.HOURLY
-    dimensions: frozenset[str] = frozenset()  # the filter dimension set; an event must carry exactly these
-    constant_filter: CanonicalFilter = ()  # e.g. (("tag:environment", ("prod",)),); overrides the event's
-
-
-@dataclass(frozen=True, slots=True)
-class DecoderConfig:
-    """What the decoder accepts: the declared streams, the field mapping and the limits."""
-
-    streams: Mapping[str, StreamSpec]  # by name
-    default_stream: str | None = None  # the stream of an event that names none
-    undeclared: str = "reject"  # "reject" (DLQ) | "accept" (HOURLY, no dimension check)
-    mapping: FieldMapping = field(default_factory=FieldMapping)
-    max_lateness_ms: int = 7 * 24 * 3600 * 1000  # older than this before the record timestamp → too_late
-    max_future_ms: int = 15 * 60 * 1000  # later than this after the record timestamp → future
-    max_event_bytes: int = 64 * 1024
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, prefix: str = "") -> DecoderConfig:
-        """Build from the `events` config table; a ConfigError names the key (`streams.billing.granularity`).
-
-        `prefix` is put before every key (a missing trailing dot is added): `prefix="events"` gives
-        `events.streams.billing.granularity`.
-        """
-        if prefix and not prefix.endswith("."):
-            prefix += "."
-        _check_table(data, prefix.rstrip(".") or "events", _CONFIG_KEYS, prefix)
-        streams = _streams_setting(f"{prefix}streams", data.get("streams", {}))
-        undeclared = data.get("undeclared", "reject")
-        if undeclared not in ("reject", "accept"):
-            raise ConfigError(f"{prefix}undeclared", f"must be reject or accept, got {undeclared!r}")
-        default_stream = data.get("default_stream") or None  # "" (an empty env var) means none
-        if default_stream is not None:
-            try:
-                validate_stream_name(default_stream)
-            except RecordError as exc:
-                raise ConfigError(f"{prefix}default_stream", exc.describe()) from None
-            if undeclared == "reject" and default_stream not in streams:
-                raise ConfigError(f"{prefix}default_stream", f"{default_stream!r} is not declared in streams")
-        mapping = FieldMapping.from_dict(data.get("mapping", {}), prefix=f"{prefix}mapping.")
-        limits = {name: _int_setting(f"{prefix}{name}", data, name) for name in _LIMIT_KEYS}
-        limits = {name: value for name, value in limits.items() if value is not None}
-        return cls(streams, default_stream, undeclared, mapping, **limits)
-
-
-_LIMIT_KEYS = ("max_lateness_ms", "max_future_ms", "max_event_bytes")
-_CONFIG_KEYS = ("streams", "default_stream", "undeclared", "mapping", *_LIMIT_KEYS)
-_STREAM_KEYS = ("granularity", "dimensions", "constant_filter")
-
-
-def _check_table(data: Any, key: str, known: tuple[str, ...], prefix: str) -> None:
-    if not isinstance(data, Mapping):
-        raise ConfigError(key, "must be a table")
-    unknown = sorted(str(k) for k in data if k not in known)
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
-
-
-def _int_setting(key: str, data: Mapping[str, Any], name: str) -> int | None:
-    if name not in data:
-        return None
-    raw = data[name]
-    if type(raw) is not int or raw < (1 if name == "max_event_bytes" else 0):
-        raise ConfigError(
-            key, f"expected an integer {'> 0' if name == 'max_event_bytes' else '>= 0'}, got {raw!r}"
-        )
-    return raw
-
-
-def _streams_setting(key: str, raw: Any) -> dict[str, StreamSpec]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(key, "must be a table of stream name → settings")
-    out: dict[str, StreamSpec] = {}
-    for name, spec in raw.items():
-        try:
-            validate_stream_name(name)
-        except RecordError as exc:
-            raise ConfigError(f"{key}.{name}", exc.describe()) from None
-        out[name] = _stream_setting(f"{key}.{name}.", name, spec)
-    return out
-
-
-def _stream_setting(prefix: str, name: str, data: Any) -> StreamSpec:
-    _check_table(data, prefix.rstrip("."), _STREAM_KEYS, prefix)
-    raw_granularity = data.get("granularity", "HOURLY")
-    try:
-        granularity = Granularity(raw_granularity.upper())
-    except (AttributeError, ValueError):
-        raise ConfigError(
-            f"{prefix}granularity", f"must be HOURLY, DAILY or MONTHLY, got {raw_granularity!r}"
-        ) from None
-    dims = data.get("dimensions", [])
-    if not isinstance(dims, list | tuple) or not all(isinstance(d, str) for d in dims):
-        raise ConfigError(f"{prefix}dimensions", "must be a list of dimension names")
-    if len(set(dims)) != len(dims) or len(dims) > MAX_DIMENSIONS:
-        raise ConfigError(f"{prefix}dimensions", f"at most {MAX_DIMENSIONS} dimensions, without repeats")
-    for dim in dims:
-        if not is_recognised_dimension(dim):
-            raise ConfigError(f"{prefix}dimensions", f"{dim!r} is not a recognised dimension")
-    constant = _constant_filter_setting(f"{prefix}constant_filter", data.get("constant_filter", {}))
-    extra = sorted({k for k, _ in constant} - set(dims))
-    if extra:
-        raise ConfigError(
-            f"{prefix}constant_filter", f"dimension {extra[0]!r} is missing from {prefix}dimensions"
-        )
-    return StreamSpec(name, granularity, frozenset(dims), constant)
-
-
-def _constant_filter_setting(key: str, raw: Any) -> CanonicalFilter:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(key, "must be a table of dimension → list of values")
-    as_lists = {k: [v] if isinstance(v, str) else v for k, v in raw.items()}
-    try:
-        return canonical_filter(validate_filter(as_lists))
-    except RecordError as exc:
-        raise ConfigError(key, exc.describe()) from None
-
-
 # Event's fields as a plain tuple, in its order: what `Decoder.decode_fields` returns.
 EventFields = tuple[str, int, str, CanonicalFilter, int | Decimal, str | None, Granularity]
 _Fields = Callable[[bytes, int], EventFields]
@@ -263,7 +137,7 @@ def _typed_parser(keys: tuple[str | None, ...]) -> Callable[[bytes], Any] | None
         return None
     fields: list[tuple[str, Any, Any]] = [(name, Any, None) for name in _TYPED_NAMES[:-1]]
     fields.append(("filter", msgspec.Raw, msgspec.Raw()))
-    rename = dict(zip(_TYPED_NAMES, keys, strict=True))
+    rename = {name: key for name, key in zip(_TYPED_NAMES, keys, strict=True) if key is not None}
     struct = msgspec.defstruct("TypedEvent", fields, rename=rename, forbid_unknown_fields=True)
     return msgspec.json.Decoder(struct).decode
 
@@ -311,9 +185,9 @@ def _id_text(eid: Any) -> str | None:
 
 
 class Decoder:
-    """Turns raw messages into Events under one DecoderConfig, keeping a bounded cache of checked filters."""
+    """Turns raw messages into Events under one EventsSettings, keeping a bounded cache of checked filters."""
 
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: EventsSettings) -> None:
         self._config = config
         m = config.mapping
         self._streams = dict(config.streams)
@@ -345,7 +219,7 @@ class Decoder:
         self._fields, self._decode, self._general = self._hot_path()
 
     @property
-    def config(self) -> DecoderConfig:
+    def config(self) -> EventsSettings:
         return self._config
 
     def decode(self, raw: bytes, record_ts_ms: int) -> Event:
@@ -399,7 +273,9 @@ class Decoder:
         # Declared stream → {raw filter JSON → canonical filter}, for the typed path.
         raw_filters: dict[str, dict[bytes, CanonicalFilter]] = {name: {} for name in streams}
 
-        def stream_and_time(stream: Any, ts: Any, record_ts_ms: int) -> tuple[str, StreamSpec | None, int]:
+        def stream_and_time(
+            stream: Any, ts: Any, record_ts_ms: int
+        ) -> tuple[str, StreamSettings | None, int]:
             if stream is None:
                 stream = default_stream
                 if stream is None:
@@ -497,7 +373,8 @@ class Decoder:
             ):
                 return general(raw, record_ts_ms)
             key = bytes(ev.filter)
-            known = raw_filters.get(stream if stream is not None else default_stream)
+            named = stream if stream is not None else default_stream
+            known = raw_filters.get(named) if named is not None else None
             canon = known.get(key) if known is not None else None
             if canon is None and key:
                 # Parsed before any rule can reject the event: the typed parser only skipped over the
@@ -539,7 +416,7 @@ class Decoder:
             if len(self._elements) >= _ELEMENT_CACHE_SIZE:
                 self._elements.clear()  # O(1) per event; a working set larger than the cache just misses
             self._elements[element] = element
-        return element
+        return cast(str, element)
 
     def _number(self, value: Any, raw: bytes | None) -> int | Decimal:
         """The exact value of anything but a plain positive int."""
@@ -578,10 +455,10 @@ class Decoder:
         if b"\\" not in raw:
             found = self._value_literal.findall(raw)
             if len(found) == 1 and float(found[0]) == parsed:
-                return found[0].decode()
+                return str(found[0].decode())
         try:
             literal = lookup(json.loads(raw, parse_float=str, parse_int=str), self._value_path)
-            if type(literal) is str and float(literal) == parsed:
+            if isinstance(literal, str) and float(literal) == parsed:
                 return literal
         except Exception:  # best effort only: orjson already accepted the message
             pass

@@ -153,7 +153,7 @@ class JsonFormatter(logging.Formatter):
         return scrub(line.decode())
 
 
-class _JsonHandler(logging.StreamHandler):
+class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in typeshed
     """The handler configure_logging installs (its type lets a second call replace it)."""
 
 

@@ -8,20 +8,17 @@ separates, so a key that itself contains a dot cannot be addressed. A missing st
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from allocd.cloudzero.records import MAX_DIMENSIONS, RecordError, is_recognised_dimension, parse_timestamp
+from allocd.cloudzero.records import RecordError, parse_timestamp
 from allocd.errors import ConfigError, InvalidEvent
 
 __all__ = [
     "MAX_TIMESTAMP_MS",
     "MIN_TIMESTAMP_MS",
     "TIMESTAMP_FORMATS",
-    "FieldMapping",
     "Path",
     "dimension_values",
     "iso_ms",
@@ -41,72 +38,6 @@ _AUTO_MS_FROM = 100_000_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 _EPOCH_STRING = re.compile(r"-?\d{1,20}(\.\d{1,9})?")
-
-
-@dataclass(frozen=True, slots=True)
-class FieldMapping:
-    """Dotted paths to each field of an event; the defaults read the canonical shape."""
-
-    element: str = "element_name"  # e.g. "customer.id"
-    value: str = "value"  # e.g. "usage.records"
-    timestamp: str = "timestamp"  # absent in an event → the source's record timestamp
-    timestamp_format: str = "auto"  # auto (ISO 8601 string or epoch number) | iso | epoch_s | epoch_ms
-    stream: str = "stream"  # absent in an event → the config's default stream
-    id: str = "id"
-    filter: str | None = "filter"  # a canonical filter object in the event; None (or "" in TOML): none
-    # dimension name → dotted path, e.g. {"custom:region": "meta.region"}; a scalar becomes a one-value list,
-    # a list of scalars stays a list; merged (values united) with the filter object.
-    dimensions: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: Any, *, prefix: str = "mapping.") -> FieldMapping:
-        """Build from a config table; a ConfigError names the key as `prefix + key`."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(prefix.rstrip("."), "must be a table")
-        known = ("element", "value", "timestamp", "timestamp_format", "stream", "id", "filter", "dimensions")
-        unknown = sorted(str(k) for k in data if k not in known)
-        if unknown:
-            raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
-        values: dict[str, Any] = {}
-        for name in ("element", "value", "timestamp", "stream", "id"):
-            if name in data:
-                values[name] = _path_setting(f"{prefix}{name}", data[name])
-        if "filter" in data:
-            raw = data["filter"]
-            # TOML has no null: "" or false turn the filter object off.
-            values["filter"] = None if raw in (None, "", False) else _path_setting(f"{prefix}filter", raw)
-        if "timestamp_format" in data:
-            fmt = data["timestamp_format"]
-            if fmt not in TIMESTAMP_FORMATS:
-                raise ConfigError(
-                    f"{prefix}timestamp_format", f"must be one of {', '.join(TIMESTAMP_FORMATS)}"
-                )
-            values["timestamp_format"] = fmt
-        if "dimensions" in data:
-            values["dimensions"] = _dimension_settings(f"{prefix}dimensions", data["dimensions"])
-        return cls(**values)
-
-
-def _path_setting(key: str, raw: Any) -> str:
-    if not isinstance(raw, str) or not raw:
-        raise ConfigError(key, f"expected a dotted field path, got {raw!r}")
-    split_path(raw, key)
-    return raw
-
-
-def _dimension_settings(key: str, raw: Any) -> dict[str, str]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(key, "must be a table of dimension name → dotted field path")
-    if len(raw) > MAX_DIMENSIONS:
-        raise ConfigError(key, f"at most {MAX_DIMENSIONS} dimensions")
-    out: dict[str, str] = {}
-    for name, path in raw.items():
-        if not isinstance(name, str) or not is_recognised_dimension(name):
-            raise ConfigError(
-                f"{key}.{name}", "not a recognised dimension (custom:, tag:, k8s_label: or built-in)"
-            )
-        out[name] = _path_setting(f"{key}.{name}", path)
-    return out
 
 
 def split_path(path: str, key: str = "path") -> Path:

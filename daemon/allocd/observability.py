@@ -1,9 +1,11 @@
-"""Prometheus metrics, liveness and readiness, and the HTTP server that serves /metrics /healthz /readyz.
+"""Prometheus metrics, liveness and readiness: what every stage reports through.
 
-Every metric is declared once, in `Metrics`, on its own registry (tests build several); stages receive the
-`Metrics` object and call its small methods rather than touching prometheus_client themselves. `Metrics`
-also implements the API client's observer interface (`on_request`, `on_retry`, `on_in_doubt`,
-`on_rejected`, `on_rate_wait`) by duck typing. Structured logging lives in `allocd.logs`.
+Every metric is declared here, in `Metrics` (and the sidecar's in `SidecarMetrics`, on the same registry),
+on a registry of its own (tests build several). Stages receive these objects typed by the Protocols below —
+`PipelineMetrics`, `HealthSignals`, and the client's `ClientObserver` (cloudzero/client.py) — and call their
+small methods rather than touching prometheus_client themselves. `BeatingObserver` is the API client's
+observer: metrics plus a liveness beat per request. The HTTP server for /metrics /healthz /readyz is in
+`allocd.webserver`; structured logging in `allocd.logs`.
 """
 
 from __future__ import annotations
@@ -14,17 +16,17 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
 
 from allocd import __version__
 from allocd.cloudzero.records import RATE_BURST_RECORDS, Op
-from allocd.webserver import bound_port, start_app
+
+if TYPE_CHECKING:
+    from allocd.sources.spool import RecoveryReport, Spool
 
 __all__ = [
     "CONTENT_TYPE",
@@ -33,13 +35,14 @@ __all__ = [
     "FLUSH_TRIGGERS",
     "METRIC_NAMES",
     "SERIES_NAMES",
+    "BeatingObserver",
     "DecayedRate",
     "Health",
+    "HealthSignals",
     "Metrics",
+    "PipelineMetrics",
     "Probe",
-    "bound_port",
-    "make_app",
-    "start_http_server",
+    "SidecarMetrics",
 ]
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # text/plain; version=0.0.4; charset=utf-8
@@ -57,6 +60,38 @@ _MIN_RATE_SPAN = 60.0  # never project a day from less than a minute of sending
 _FLUSH_SECONDS_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 _FLUSH_RECORDS_BUCKETS = (1, 10, 100, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000)
 _REQUEST_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class PipelineMetrics(Protocol):
+    """What the pipeline and the flush cycle report (implemented by `Metrics`)."""
+
+    def record_batch(
+        self,
+        source: str,
+        consumed: int,
+        accepted: dict[str, int],
+        late: dict[str, int],
+        skipped: int,
+        rejected: list[str],
+    ) -> None: ...
+    def flush_cycle(self, trigger: str, outcome: str, seconds: float, records: int) -> None: ...
+    def dlq_written(self, kind: str, n: int = 1) -> None: ...
+    def dlq_write_failed(self) -> None: ...
+    def in_doubt_recovered(self, requests: int, cells: int) -> None: ...
+    def fenced(self) -> None: ...
+    def rounded(self, cells: int) -> None: ...
+    def committed(self, positions: dict[tuple[str, int], int]) -> None: ...
+    def set_accumulator(self, open_cells: int, open_windows: int, bytes_estimate: int) -> None: ...
+    def set_pending(self, snapshots: int) -> None: ...
+    def set_paused(self, paused: bool) -> None: ...
+    def forget_partition(self, topic: str, partition: int) -> None: ...
+
+
+class HealthSignals(Protocol):
+    """What loops report for /healthz and /readyz (implemented by `Health`)."""
+
+    def beat(self, loop: str) -> None: ...
+    def set_condition(self, name: str, ok: bool, detail: str = "") -> None: ...
 
 
 class DecayedRate:
@@ -333,6 +368,29 @@ class Metrics:
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
 
+    def dlq_write_failed(self) -> None:
+        self.dlq_write_errors.inc()
+
+    def in_doubt_recovered(self, requests: int, cells: int) -> None:
+        """Requests a recovery found in doubt (journaled as sent, never answered): their cells go again."""
+        self.api_in_doubt_requests.labels(Op.SUM.value).inc(requests)
+        self.api_in_doubt_records.labels(Op.SUM.value).inc(cells)
+
+    def fenced(self) -> None:
+        self.fenced_requests.inc()
+
+    def rounded(self, cells: int) -> None:
+        self.rounded_cells.inc(cells)
+
+    def committed(self, positions: dict[tuple[str, int], int]) -> None:
+        """A group commit of `positions` succeeded."""
+        self.commit_succeeded()
+        for (topic, partition), position in positions.items():
+            self.set_partition(topic, partition, committed=position)
+
+    def set_pending(self, snapshots: int) -> None:
+        self.snapshots_pending.set(snapshots)
+
     # --- the API client's observer interface (ClientObserver in cloudzero/client.py) -----------------
     def on_request(self, op: str, status: int | None, records: int, seconds: float) -> None:
         """A request ended with `status`, or with no answer (None → "error")."""
@@ -442,11 +500,6 @@ class Probe:
     ok: bool
     body: dict[str, Any]
 
-    def response(self) -> web.Response:
-        return web.Response(
-            body=orjson.dumps(self.body), status=200 if self.ok else 503, content_type="application/json"
-        )
-
 
 class Health:
     """Liveness from loops' heartbeats; readiness from named conditions.
@@ -503,42 +556,108 @@ class Health:
         return Probe(ready, {"ready": ready, "starting": starting, "reasons": reasons})
 
 
-# --- HTTP server -------------------------------------------------------------------------------------
-def make_app(
-    metrics: Metrics, health: Health, *, extra_routes: Iterable[web.AbstractRouteDef] | None = None
-) -> web.Application:
-    """The aiohttp application: /metrics, /healthz, /readyz, plus `extra_routes` (e.g. POST /v1/events)."""
-
-    async def serve_metrics(_: web.Request) -> web.Response:
-        metrics.set_ready(health.readiness().ok)
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-    async def serve_healthz(_: web.Request) -> web.Response:
-        return health.liveness().response()
-
-    async def serve_readyz(_: web.Request) -> web.Response:
-        return health.readiness().response()
-
-    app = web.Application()
-    app.add_routes(
-        [
-            web.get("/metrics", serve_metrics),
-            web.get("/healthz", serve_healthz),
-            web.get("/readyz", serve_readyz),
-        ]
-    )
-    if extra_routes is not None:
-        app.add_routes(extra_routes)
-    return app
+# --- the sidecar ---------------------------------------------------------------------------------------
+INGEST_STATUSES = ("202", "400", "401", "413", "503")  # what POST /v1/events answers
+_SPOOL_SYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_SPOOL_GROUP_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000)
 
 
-async def start_http_server(
-    metrics: Metrics,
-    health: Health,
-    host: str,
-    port: int,
-    *,
-    extra_routes: Iterable[web.AbstractRouteDef] | None = None,
-) -> web.AppRunner:
-    """Serve `make_app` on host:port (0 picks a free port, see `bound_port`). Stop with `runner.cleanup()`."""
-    return await start_app(make_app(metrics, health, extra_routes=extra_routes), host, port)
+class SidecarMetrics:
+    """The sidecar's own metrics, on the `Metrics` registry (so /metrics shows them with the rest)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ingest_requests = Counter(
+            "allocd_ingest_requests",
+            "POST /v1/events answers, by HTTP status.",
+            ["status"],
+            registry=registry,
+        )
+        self.ingest_events = Counter(
+            "allocd_ingest_events",
+            "Events in 202 answers: accepted (durably spooled) or rejected (dead-lettered).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.spool_bytes = Gauge(
+            "allocd_spool_bytes",
+            "Bytes held by the spool (segments plus appends under way).",
+            registry=registry,
+        )
+        self.spool_capacity = Gauge(
+            "allocd_spool_capacity_bytes",
+            "sidecar.max_spool_bytes: beyond it POSTs get 503.",
+            registry=registry,
+        )
+        self.spool_segments = Gauge("allocd_spool_segments", "Segment files in the spool.", registry=registry)
+        self.spool_sync_seconds = Histogram(
+            "allocd_spool_sync_seconds",
+            "Time to write and fsync one group of appends (group commit).",
+            buckets=_SPOOL_SYNC_BUCKETS,
+            registry=registry,
+        )
+        self.spool_group_records = Histogram(
+            "allocd_spool_group_records",
+            "Records made durable by one fsync (concurrent requests share it).",
+            buckets=_SPOOL_GROUP_BUCKETS,
+            registry=registry,
+        )
+        self.spool_corrupt_tails = Counter(
+            "allocd_spool_corrupt_tails",
+            "Spool segments found with a torn or corrupt tail at start-up (truncated; see the log).",
+            registry=registry,
+        )
+        self.spool_truncated_bytes = Counter(
+            "allocd_spool_truncated_bytes",
+            "Bytes cut off torn or corrupt spool tails at start-up.",
+            registry=registry,
+        )
+        for status in INGEST_STATUSES:
+            self.ingest_requests.labels(status)
+        for outcome in ("accepted", "rejected"):
+            self.ingest_events.labels(outcome)
+
+    def on_sync(self, seconds: float, records: int, _nbytes: int) -> None:
+        """The spool's group-commit observer."""
+        self.spool_sync_seconds.observe(seconds)
+        self.spool_group_records.observe(records)
+
+    def watch(self, spool: Spool) -> None:
+        """Read the spool's gauges at scrape time, and count what its recovery truncated."""
+        self.spool_bytes.set_function(lambda: spool.bytes_used)
+        self.spool_segments.set_function(lambda: spool.segment_count)
+        self.spool_capacity.set(spool.max_bytes)
+        self.recovered(spool.recovery)
+
+    def recovered(self, report: RecoveryReport) -> None:
+        for issue in report.issues:
+            self.spool_corrupt_tails.inc()
+            self.spool_truncated_bytes.inc(issue.dropped_bytes)
+
+
+# --- the API client's observer --------------------------------------------------------------------------
+class BeatingObserver:
+    """The client's observer (cloudzero.client.ClientObserver): metrics, plus a liveness beat per request,
+    retry or rate-limit wait — a request that retries through an API outage is progress, not a stuck loop
+    (/healthz must not fail on an outage)."""
+
+    def __init__(self, metrics: Metrics, health: HealthSignals) -> None:
+        self.metrics = metrics
+        self.health = health
+
+    def on_request(self, op: str, status: int | None, records: int, seconds: float) -> None:
+        self.health.beat("flush")
+        self.metrics.on_request(op, status, records, seconds)
+
+    def on_retry(self, op: str, reason: str) -> None:
+        self.health.beat("flush")
+        self.metrics.on_retry(op, reason)
+
+    def on_in_doubt(self, op: str, records: int) -> None:
+        self.metrics.on_in_doubt(op, records)
+
+    def on_rejected(self, op: str, records: int) -> None:
+        self.metrics.on_rejected(op, records)
+
+    def on_rate_wait(self, seconds: float) -> None:
+        self.health.beat("flush")
+        self.metrics.on_rate_wait(seconds)

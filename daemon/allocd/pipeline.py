@@ -1,9 +1,11 @@
-"""Wires source → decode → skip rule → accumulator → flush cycles → journal → commits (DESIGN.md §1–§2).
+"""The poll loop and the pipeline's lifecycle: source → decode → skip rule → accumulator → snapshots, handed
+to the flush cycle (flush.py) one at a time; triggers, backpressure, rebalance and shutdown.
 
-Two tasks share the state under one lock: the *poll loop* (fetch a batch, decode, skip what the journal says
-is delivered, accumulate, dead-letter the invalid, cut snapshots when windows close or caps force them,
-pause when snapshots pile up) and the *delivery loop* (one cycle at a time, in order). Rebalances and
-shutdown go through one path — abandon: stop sending, discard memory, re-derive from the journal.
+Two tasks share the state under one lock: the *poll loop* (fetch a batch, add it to the accumulator — which
+decodes, applies the journal's skip rule and counts — dead-letter the invalid, cut snapshots when windows
+close or caps force them, pause when snapshots pile up) and the *delivery loop* (one flush cycle at a time,
+in order). Rebalances and shutdown go through one path — abandon: stop sending, discard memory, re-derive
+from the journal.
 """
 
 from __future__ import annotations
@@ -14,41 +16,22 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable
+from functools import partial
 
 from allocd.cloudzero.client import CloudZeroClient
-from allocd.cloudzero.records import (
-    Granularity,
-    Op,
-    filter_from_canonical,
-    format_value,
-    needs_rounding,
-)
 from allocd.config import PipelineSettings
-from allocd.errors import AuthError, InvalidEvent, TransientError
 from allocd.events import Decoder
-from allocd.journal import Journal, PartitionState, cell_digest
-from allocd.sources.base import Batch, DeadLetters, LostOwnership, Message, Source
-from allocd.windows import TP, Accumulator, Snapshot, WindowKey, window_bounds
+from allocd.flush import Abandoned, FlushCycle
+from allocd.journal import Journal, PartitionState
+from allocd.observability import HealthSignals, PipelineMetrics
+from allocd.sources.base import Batch, Message, Source
+from allocd.stores.base import DeadLetters
+from allocd.windows import TP, Accumulator, Snapshot, WindowKey
 
 __all__ = ["Pipeline"]
 
-T = TypeVar("T")
-
 log = logging.getLogger("allocd.pipeline")
-
-
-class _Abandoned(Exception):
-    """The cycle or batch in progress must be dropped: a revoke or shutdown is under way."""
-
-
-@dataclass(slots=True)
-class _Request:
-    stream: str
-    records: list[dict[str, Any]]
-    cells: list[str]  # digests, in record order
 
 
 class Pipeline:
@@ -62,8 +45,8 @@ class Pipeline:
         client: CloudZeroClient,
         journal: Journal,
         dead_letters: DeadLetters,
-        metrics: Any,
-        health: Any,
+        metrics: PipelineMetrics,
+        health: HealthSignals,
         *,
         clock: Callable[[], float] = time.time,
         on_auth_failure: Callable[[], bool] | None = None,
@@ -77,7 +60,6 @@ class Pipeline:
         self.metrics = metrics
         self.health = health
         self.clock = clock
-        self.reload_key = on_auth_failure or (lambda: False)
         self.flush_on_shutdown = settings.flushes_on_shutdown(source.name != "kafka")
         self.acc = Accumulator(settings.window_seconds * 1000, clock=clock)
         self.parts: dict[TP, PartitionState] = {}
@@ -91,9 +73,11 @@ class Pipeline:
         self.abandoning = False
         self.paused = False
         self.stopping = False
-        self.reopened: set[WindowKey] = set()  # closed windows that late events opened again (deltas)
         self._deliver_task: asyncio.Task[None] | None = None
         self.assignment = 0  # counts assignments; _poll_once drops a batch fetched across one
+        self.cycle = FlushCycle(
+            self, journal, client, dead_letters, source, metrics, health, on_auth_failure or (lambda: False)
+        )
 
     # --- lifecycle -------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -151,8 +135,7 @@ class Pipeline:
         for rec in recovered.values():
             in_doubt.update(rec.in_doubt)
         if in_doubt:
-            self.metrics.api_in_doubt_requests.labels("sum").inc(len(in_doubt))
-            self.metrics.api_in_doubt_records.labels("sum").inc(sum(in_doubt.values()))
+            self.metrics.in_doubt_recovered(len(in_doubt), sum(in_doubt.values()))
             log.warning(
                 "recovered requests in doubt: their cells will be sent again (at-least-once)",
                 extra={"requests": len(in_doubt), "cells": sum(in_doubt.values())},
@@ -208,7 +191,6 @@ class Pipeline:
                 dropped = len(self.pending) + (1 if len(self.acc) else 0)
                 self.pending.clear()
                 self.acc.clear()
-                self.reopened.clear()
                 self.parts.clear()
                 self.next_offset.clear()
                 self._set_paused(False)
@@ -234,7 +216,7 @@ class Pipeline:
                     await self._process(batch)
                 self._maybe_cut()
                 self._publish_gauges()
-        except _Abandoned:
+        except Abandoned:
             pass
 
     def _refetch(self, batch: list[Batch]) -> None:
@@ -248,100 +230,41 @@ class Pipeline:
 
     async def _process(self, batch: list[Batch]) -> None:
         decode = self.decoder.decode_fields
-        parts = self.parts
-        next_offset = self.next_offset
-        acc = self.acc
-        override_ms = self.acc.override_ms
         # Late is judged like closing (§3), against what the source has read too: a backlog is not late.
         horizon = min(self.clock() * 1000, self.source.frontier_ms())
-        reopened = self.reopened
         grace_ms = int(self.s.grace_seconds * 1000)
         rejected: list[tuple[Message, str, str]] = []
         accepted: dict[str, int] = {}
         late: dict[str, int] = {}
-        skipped = 0
-        # Per stream, the window its previous event fell in: [start, end, key, WindowState and its rows once
-        # an event counted, late, events counted]. Events come nearly in time order, so most hit it (a
-        # stream's granularity is fixed by the decoder's config). Valid for one partition's run only: windows
-        # are cut between batches, and a window notes each partition's lowest offset on its first count.
-        seen: list[list[Any]] = []
-        consumed = 0
+        skipped = consumed = 0
         for tp, records in batch:
             consumed += len(records)
-            state = parts.get(tp)
+            state = self.parts.get(tp)
             if state is None:
                 continue  # not ours any more
-            may_skip = bool(state.marks or state.skips)
-            expect = next_offset[tp]
-            current: dict[str, list[Any]] = {}
-            for rec in records:
-                offset = rec.offset
-                if offset < expect:
-                    continue  # a re-fetch of what was processed
-                expect = offset + 1
-                try:
-                    stream, ts, element, flt, value, _, granularity = decode(rec.value, rec.timestamp)
-                except InvalidEvent as exc:
-                    raw = rec.value if rec.value is not None else b""
-                    rejected.append((Message(tp, offset, rec.timestamp, raw), exc.reason, exc.detail))
-                    continue
-                w = current.get(stream)
-                if w is None or not w[0] <= ts < w[1]:
-                    start, end = window_bounds(ts, granularity, override_ms)
-                    w = current[stream] = [start, end, (stream, start), None, None, False, 0]
-                    seen.append(w)
-                if may_skip and state.should_skip(offset, w[2], (stream, w[0], element, flt)):
-                    skipped += 1
-                    continue
-                rows = w[4]
-                if rows is None:  # the window's first counted event in this run: is it late?
-                    wk = w[2]
-                    w[5] = wk in reopened or (w[1] + grace_ms <= horizon and wk not in acc.windows)
-                    if w[5]:
-                        reopened.add(wk)  # every event of a re-opened window is late, not only its first
-                    window = w[3] = acc.window(wk, w[1], granularity)
-                    if tp not in window.min_offsets:  # offsets rise in a partition: the first is the lowest
-                        window.min_offsets[tp] = offset
-                    rows = w[4] = window.rows
-                w[6] += 1
-                # WindowState.add, inlined: the call alone was a tenth of this loop's cost.
-                row = rows.get(flt)
-                if row is None:
-                    row = rows[flt] = {}
-                old = row.get(element)
-                if old is None:
-                    row[element] = value
-                    w[3].cell_count += 1
-                else:
-                    row[element] = old + value
-            next_offset[tp] = expect
-        for w in seen:
-            stream, counted = w[2][0], w[6]
-            accepted[stream] = accepted.get(stream, 0) + counted
-            if w[5]:
-                late[stream] = late.get(stream, 0) + counted
+            added = self.acc.add_batch(
+                tp,
+                records,
+                decode,
+                expect=self.next_offset[tp],
+                skip=state if state.marks or state.skips else None,
+                horizon_ms=horizon,
+                grace_ms=grace_ms,
+            )
+            self.next_offset[tp] = added.next_offset
+            skipped += added.skipped
+            for counts, more in ((accepted, added.accepted), (late, added.late)):
+                for stream, n in more.items():
+                    counts[stream] = counts.get(stream, 0) + n
+            rejected.extend(
+                (Message(tp, rec.offset, rec.timestamp, rec.value or b""), reason, detail)
+                for rec, reason, detail in added.rejected
+            )
         self.metrics.record_batch(
             self.source.name, consumed, accepted, late, skipped, [r for _, r, _ in rejected]
         )
         if rejected:
-            await self._dead_letter(lambda: self.dlq.events(rejected), "event", len(rejected))
-
-    async def _dead_letter(self, write: Callable[[], Any], kind: str, count: int) -> None:
-        """Write to the DLQ or wait: a DLQ that cannot be written stops progress, it never drops (§1)."""
-        delay = 0.2
-        while True:
-            try:
-                await write()
-                self.metrics.dlq_written(kind, count)
-                return
-            except Exception as exc:  # the store's error, whatever the backend
-                self.metrics.dlq_write_errors.inc()
-                log.error("dead-letter write failed; holding progress", extra={"error": repr(exc)})
-            if self.abandoning or self.stop_sending.is_set():
-                raise _Abandoned
-            self._set_paused(True)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await self.cycle.dead_letter(partial(self.dlq.events, rejected), "event", len(rejected))
 
     def _boundary(self) -> dict[TP, int]:
         return dict(self.next_offset)
@@ -387,7 +310,6 @@ class Pipeline:
         return self.acc.closed(int(horizon), int(self.s.grace_seconds * 1000))
 
     def _cut(self, snap: Snapshot) -> None:
-        self.reopened.difference_update(snap.windows)
         self.pending.append(snap)
         self.work.set()
         log.debug("snapshot cut", extra={"trigger": snap.trigger, "cells": snap.cell_count})
@@ -404,7 +326,21 @@ class Pipeline:
 
     def _publish_gauges(self) -> None:
         self.metrics.set_accumulator(len(self.acc), len(self.acc.windows), self.acc.memory_estimate())
-        self.metrics.snapshots_pending.set(len(self.pending))
+        self.metrics.set_pending(len(self.pending))
+
+    # --- what the flush cycle asks of the pipeline (flush.CycleHost) -------------------------------------
+    def positions(self) -> dict[TP, int]:
+        """Per partition, the lowest offset of any event not yet delivered (§2.1)."""
+        positions = dict(self.next_offset)
+        holders = [self.acc.min_offsets(), *(s.min_offsets for s in self.pending)]
+        for mins in holders:
+            for tp, off in mins.items():
+                if tp in positions and off < positions[tp]:
+                    positions[tp] = off
+        return positions
+
+    def hold(self) -> None:
+        self._set_paused(True)
 
     # --- the delivery loop -----------------------------------------------------------------------------
     async def _delivery_loop(self) -> None:
@@ -421,186 +357,10 @@ class Pipeline:
             self.idle.clear()
             started = time.monotonic()
             try:
-                outcome = await self._run_cycle(snap)
-            except _Abandoned:
+                outcome = await self.cycle.run(snap)
+            except Abandoned:
                 outcome = "abandoned"
             finally:
                 self.idle.set()
             self.metrics.flush_cycle(snap.trigger, outcome, time.monotonic() - started, snap.cell_count)
             self.health.beat("flush")
-
-    async def _run_cycle(self, snap: Snapshot) -> str:
-        """One flush cycle, in the order correctness depends on:
-
-        1. journal the cycle (boundary, windows) before its first request;
-        2. per request: journal `sent` → send → dead-letter refused records → journal `ack` of its cells;
-        3. the cycle completed: its windows' marks move to its boundary;
-        4. checkpoint every owned partition (position + marks + skips) — the authority;
-        5. commit the same positions to the group, for lag tools.
-        A revoke or shutdown between steps abandons the cycle; the journal says what was delivered.
-        """
-        if not snap.cell_count:
-            return "completed"
-        # Step 1
-        cid = await self._journaled(lambda: self.journal.cycle_started(snap))
-        # Step 2
-        for n, req in enumerate(self._requests(snap)):
-            await self._deliver(cid, n, req, list(snap.boundary))
-        # Step 3
-        async with self.lock:
-            if self.abandoning:
-                raise _Abandoned
-            for wk in snap.windows:
-                for tp, boundary in snap.boundary.items():
-                    state = self.parts.get(tp)
-                    if state is not None and state.marks.get(wk, -1) < boundary:
-                        state.marks[wk] = boundary
-            positions = self._positions()
-            for tp, pos in positions.items():
-                self.parts[tp].prune(pos)
-            states = {
-                tp: PartitionState(s.position, dict(s.marks), dict(s.skips)) for tp, s in self.parts.items()
-            }
-        # Step 4 (only partitions still ours: a stale owner must not write over the new owner's checkpoint)
-        if not await self._journaled(lambda: self.journal.still_owner(list(states))):
-            self.metrics.fenced_requests.inc()
-            raise _Abandoned
-        await self._journaled(lambda: self.journal.checkpoint(states))
-        # Step 5
-        try:
-            await self.source.commit(positions)
-            self.metrics.commit_succeeded()
-            for (topic, part), pos in positions.items():
-                self.metrics.set_partition(topic, part, committed=pos)
-        except LostOwnership as exc:
-            log.warning("group commit failed: partitions lost; stopping delivery", extra={"error": str(exc)})
-            self.stop_sending.set()
-        return "completed"
-
-    def _positions(self) -> dict[TP, int]:
-        """Per partition, the lowest offset of any event not yet delivered (§2.1)."""
-        positions = dict(self.next_offset)
-        holders = [self.acc.min_offsets(), *(s.min_offsets for s in self.pending)]
-        for mins in holders:
-            for tp, off in mins.items():
-                if tp in positions and off < positions[tp]:
-                    positions[tp] = off
-        return positions
-
-    def _requests(self, snap: Snapshot) -> list[_Request]:
-        by_stream: dict[str, tuple[list[dict[str, Any]], dict[int, str]]] = {}
-        rounded = 0
-        for cell, granularity, value in snap.cells():
-            stream, start, element, flt = cell
-            record = _record(start, granularity, element, flt, value)
-            if needs_rounding(value):
-                rounded += 1
-            recs, digests = by_stream.setdefault(stream, ([], {}))
-            recs.append(record)
-            digests[id(record)] = cell_digest(cell)
-        if rounded:
-            self.metrics.rounded_cells.inc(rounded)
-        out = []
-        for stream, (recs, digests) in by_stream.items():
-            for packed in self.client.pack(recs):
-                out.append(_Request(stream, packed, [digests[id(r)] for r in packed]))
-        return out
-
-    async def _deliver(self, cid: str, n: int, req: _Request, tps: list[TP]) -> None:
-        """Send one request until every record is settled; journal before and after each answer. Raise
-        _Abandoned when told to stop: what was acknowledged is journaled first, and what may have been
-        applied without an answer is left in doubt (no `fail` entry), to be counted by whoever recovers."""
-        await self._journaled(lambda: self.journal.request_sent(cid, n, req.cells))
-        if not await self._journaled(lambda: self.journal.still_owner(tps)):
-            # Another member claimed one of these partitions: it re-derives them from the journal, which
-            # does not hold this request's `sent` as in doubt once `fail` follows. Sending now would count
-            # its events twice (DESIGN §2.6: a member that learns it lost its partitions stops at once).
-            log.warning("partitions claimed by another member; not sending", extra={"cycle": cid})
-            await self._journaled(lambda: self.journal.request_failed(cid, n))
-            self.metrics.fenced_requests.inc()
-            raise _Abandoned
-        remaining = list(range(len(req.records)))
-        doubt = False
-        delay = 1.0
-        while remaining:
-            self.health.beat("flush")  # a cycle can span hours at 100 records/s: each request is progress
-            if self.stop_sending.is_set():
-                if not doubt:
-                    await self._journaled(lambda: self.journal.request_failed(cid, n))
-                raise _Abandoned
-            records = [req.records[i] for i in remaining]
-            try:
-                out = await self._beating(
-                    self.client.send_request(req.stream, Op.SUM, records, stop=self.stop_sending)
-                )
-            except (AuthError, TransientError) as exc:
-                await self._wait_after(exc, delay)
-                delay = min(delay * 2, 60.0)
-                continue
-            doubt = doubt or out.in_doubt > 0
-            delivered = [remaining[i] for i in out.delivered]
-            rejected = [(remaining[i], msg) for i, msg in out.rejected]
-            if rejected:
-                refused = [(req.records[i], msg) for i, msg in rejected]
-                await self._dead_letter(
-                    lambda r=refused: self.dlq.records(req.stream, r), "record", len(refused)
-                )
-                log.error("the API refused records; they are in the DLQ", extra={"stream": req.stream})
-            settled = [req.cells[i] for i in delivered] + [req.cells[i] for i, _ in rejected]
-            if settled:
-                await self._journaled(lambda s=settled: self.journal.request_settled(cid, n, s))
-            remaining = [remaining[i] for i in out.pending]
-            if remaining and out.error is not None:
-                await self._wait_after(out.error, delay)
-                delay = min(delay * 2, 60.0)
-        self.health.set_condition("api_key", True, "")
-
-    async def _wait_after(self, exc: Exception, delay: float) -> None:
-        """A request stopped early (retry deadline or 403): wait, and on 403 re-read the key (§2.7)."""
-        if isinstance(exc, AuthError):
-            self.health.set_condition("api_key", False, "api key rejected (403)")
-            log.error("the API rejected the key (403); delivery paused until it is accepted")
-            self.reload_key()
-        else:
-            log.warning("request still failing after retries; trying again", extra={"error": str(exc)})
-        await self._interruptible_sleep(delay)
-
-    async def _journaled(self, write: Callable[[], Awaitable[T]]) -> T:
-        """Write to the journal, retrying while it is unavailable: sending waits meanwhile (an
-        acknowledgement that cannot be recorded is a future double, §2.3). Gives up only when abandoned."""
-        delay = 0.2
-        while True:
-            try:
-                return await write()
-            except Exception as exc:  # the store's error, whatever the backend
-                log.error("journal write failed; delivery waits", extra={"error": repr(exc)})
-            if self.abandoning and self.stop_sending.is_set():
-                raise _Abandoned
-            self.health.beat("flush")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    async def _interruptible_sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await self._beating(asyncio.wait_for(self.stop_sending.wait(), timeout=seconds))
-
-    async def _beating(self, aw: Awaitable[T]) -> T:
-        """Await `aw`, beating liveness every second meanwhile: a request retrying through an API outage
-        (bounded by the client's timeouts and retry deadline) or a back-off is slow, not stuck (§2.7)."""
-        task = asyncio.ensure_future(aw)
-        try:
-            while not task.done():
-                self.health.beat("flush")
-                await asyncio.wait({task}, timeout=1.0)
-            return task.result()
-        finally:
-            task.cancel()  # a no-op once done; propagates our own cancellation
-
-
-def _record(start_ms: int, granularity: Granularity, element: str, flt: Any, value: Any) -> dict[str, Any]:
-    ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start_ms // 1000))
-    record: dict[str, Any] = {"timestamp": ts, "granularity": granularity.value, "element_name": element}
-    if flt:
-        record["filter"] = filter_from_canonical(flt)
-    record["value"] = format_value(value)
-    return record

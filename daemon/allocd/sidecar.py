@@ -9,44 +9,33 @@ file that keeps a second process out. Shutdown (SIGTERM/SIGINT, or `stop` set):
 3. the pipeline stops: open windows are delivered (`flush_on_shutdown` defaults to on for the sidecar),
    journaled and checkpointed, within the rest of the timeout; what is left stays spooled for the next start.
 
-Run it with `python -m allocd.sidecar --config FILE` (or `allocd run` once it dispatches here).
+`allocd run` comes here when `[sidecar] enabled = true` (daemon.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import fcntl
 import logging
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
-from allocd.config import Settings, load_settings
+from allocd.config import Settings
 from allocd.errors import ConfigError
-from allocd.events import Decoder, DecoderConfig
-from allocd.journal import Journal
-from allocd.logs import configure_logging, register_secret
-from allocd.observability import Health, Metrics, bound_port, start_http_server
+from allocd.journal import Journal, position_floor
+from allocd.logs import register_secret
+from allocd.observability import Health, Metrics, SidecarMetrics
 from allocd.pipeline import Pipeline
-from allocd.sources.files import FileDeadLetters, FileJournalStore
-from allocd.sources.http import SPOOL_TP, HttpSource, SidecarMetrics
+from allocd.sources.http import SPOOL_TP, HttpSource
 from allocd.sources.spool import Spool
+from allocd.stores.files import FileDeadLetters, FileJournalStore
 from allocd.webserver import write_port_file
-from allocd.windows import TP
+from allocd.wiring import shared_parts
 
-__all__ = [
-    "DEAD_LETTERS_FILE",
-    "INGEST_PORT_SUFFIX",
-    "JOURNAL_FILE",
-    "main",
-    "position_floor",
-    "run_sidecar",
-]
+__all__ = ["DEAD_LETTERS_FILE", "INGEST_PORT_SUFFIX", "JOURNAL_FILE", "run_sidecar"]
 
 log = logging.getLogger("allocd.sidecar")
 
@@ -56,23 +45,6 @@ LOCK_FILE = "lock"
 INGEST_PORT_SUFFIX = ".ingest"  # the ingest port is written to <port_file>.ingest
 _DRAIN_SHARE = 0.2  # of shutdown_timeout, for the pipeline to read what the spool holds
 _GAUGE_SECONDS = 1.0
-
-
-def position_floor(entries: list[dict[str, Any]], tp: TP = SPOOL_TP) -> int:
-    """The highest position the journal mentions for `tp`: new spool positions must start above it, or a
-    record written after a corrupt tail was cut could inherit a position the journal says is delivered."""
-    found = [0]
-    for e in entries:
-        kind = e.get("t")
-        if kind == "ckpt" and (e["tp"][0], int(e["tp"][1])) == tp:
-            found += [
-                e.get("pos") or 0,
-                *(m[2] for m in e.get("marks", ())),
-                *(s[1] for s in e.get("skips", ())),
-            ]
-        elif kind == "cycle":
-            found += [b for t, p, b in e.get("b", ()) if (t, int(p)) == tp]
-    return max(int(x) for x in found)
 
 
 def _lock(spool_dir: Path) -> int:
@@ -122,106 +94,64 @@ async def _gauges(spool: Spool, metrics: Metrics, health: Health) -> None:
         await asyncio.sleep(_GAUGE_SECONDS)
 
 
-async def run_sidecar(
-    settings: Settings, *, port_file: str | None = None, stop: asyncio.Event | None = None
-) -> int:
-    """Run until `stop` is set (or SIGTERM/SIGINT); return 0 after a clean shutdown. `port_file` receives
-    the metrics/health port, and `<port_file>.ingest` the ingest port (written first)."""
-    from allocd import daemon  # here, not at the top: daemon.py dispatches to this module
-
-    stop = stop or asyncio.Event()
-    daemon.install_signal_handlers(stop)
+async def run_sidecar(settings: Settings, stop: asyncio.Event, *, port_file: str | None = None) -> int:
+    """Run until `stop` is set; return 0 after a clean shutdown. `port_file` receives the metrics/health
+    port, and `<port_file>.ingest` the ingest port (written first)."""
     sc = settings.sidecar
     spool_dir = Path(sc.spool_dir)
     lock_fd = _lock(spool_dir)
-    cleanup: list[Any] = []
     try:
-        key = daemon.make_key(settings)
-        register_secret(key.get())
-        secret = _read_secret(sc.shared_secret_file)
-        decoder = Decoder(DecoderConfig.from_dict(settings.events, prefix="events."))
-        metrics = Metrics()
-        sidecar_metrics = SidecarMetrics(metrics.registry)
-        health = Health(
-            liveness_timeout=settings.server.liveness_timeout_seconds,
-            startup_grace=settings.server.assignment_grace_seconds,
-            conditions=("assigned",),
-        )
-        health.set_condition("api_key", True, "")
-        journal_store = FileJournalStore(spool_dir / JOURNAL_FILE)
-        cleanup.append(journal_store.close)
-        dead_letters = FileDeadLetters(spool_dir / DEAD_LETTERS_FILE)
-        cleanup.append(dead_letters.close)
-        floor = position_floor(await journal_store.read_all())
-        spool = await Spool.open(
-            spool_dir, max_bytes=sc.max_spool_bytes, min_next_seq=floor, on_sync=sidecar_metrics.on_sync
-        )
-        sidecar_metrics.watch(spool)
-        source = HttpSource(sc, spool, decoder, dead_letters, metrics, sidecar_metrics, secret=secret)
-        cleanup.append(source.stop)
-        runner = await start_http_server(metrics, health, settings.server.host, settings.server.port)
-        cleanup.append(runner.cleanup)
-        ingest_port = await source.listen()
-        if port_file:
-            write_port_file(port_file + INGEST_PORT_SUFFIX, ingest_port)
-            write_port_file(port_file, bound_port(runner))
-        client = daemon.make_client(settings, key, metrics)
-        cleanup.append(client.close)
-        timeout = settings.pipeline.shutdown_timeout_seconds
-        pipeline = Pipeline(
-            dataclasses.replace(settings.pipeline, shutdown_timeout_seconds=timeout * (1 - _DRAIN_SHARE)),
-            source,
-            decoder,
-            client,
-            Journal(journal_store),
-            dead_letters,
-            metrics,
-            health,
-            on_auth_failure=lambda: daemon.reload_key(key),
-        )
-        pipeline_stop = asyncio.Event()
-        tasks = [
-            asyncio.create_task(_stop_sequence(stop, source, pipeline_stop, timeout * _DRAIN_SHARE)),
-            asyncio.create_task(_gauges(spool, metrics, health)),
-        ]
-        started = time.monotonic()
-        try:
-            log.info(
-                "allocd sidecar running",
-                extra={"ingest": f"{sc.host}:{ingest_port}", "spool_dir": str(spool_dir), "from": floor},
+        async with contextlib.AsyncExitStack() as stack:
+            parts = await stack.enter_async_context(shared_parts(settings))
+            secret = _read_secret(sc.shared_secret_file)
+            sidecar_metrics = SidecarMetrics(parts.metrics.registry)
+            journal_store = FileJournalStore(spool_dir / JOURNAL_FILE)
+            stack.callback(journal_store.close)
+            dead_letters = FileDeadLetters(spool_dir / DEAD_LETTERS_FILE)
+            stack.callback(dead_letters.close)
+            floor = position_floor(await journal_store.read_all(), SPOOL_TP)
+            spool = await Spool.open(
+                spool_dir, max_bytes=sc.max_spool_bytes, min_next_seq=floor, on_sync=sidecar_metrics.on_sync
             )
-            await pipeline.run(pipeline_stop)
-        finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            log.info("allocd sidecar stopped", extra={"seconds": round(time.monotonic() - started, 3)})
+            sidecar_metrics.watch(spool)
+            source = HttpSource(
+                sc, spool, parts.decoder, dead_letters, parts.metrics, sidecar_metrics, secret=secret
+            )
+            stack.push_async_callback(source.stop)
+            ingest_port = await source.listen()
+            if port_file:
+                write_port_file(port_file + INGEST_PORT_SUFFIX, ingest_port)
+                write_port_file(port_file, parts.server_port)
+            timeout = settings.pipeline.shutdown_timeout_seconds
+            pipeline = Pipeline(
+                dataclasses.replace(settings.pipeline, shutdown_timeout_seconds=timeout * (1 - _DRAIN_SHARE)),
+                source,
+                parts.decoder,
+                parts.client,
+                Journal(journal_store),
+                dead_letters,
+                parts.metrics,
+                parts.health,
+                on_auth_failure=parts.reload_key,
+            )
+            pipeline_stop = asyncio.Event()
+            tasks = [
+                asyncio.create_task(_stop_sequence(stop, source, pipeline_stop, timeout * _DRAIN_SHARE)),
+                asyncio.create_task(_gauges(spool, parts.metrics, parts.health)),
+            ]
+            started = time.monotonic()
+            try:
+                log.info(
+                    "allocd sidecar running",
+                    extra={"ingest": f"{sc.host}:{ingest_port}", "spool_dir": str(spool_dir), "from": floor},
+                )
+                await pipeline.run(pipeline_stop)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                log.info("allocd sidecar stopped", extra={"seconds": round(time.monotonic() - started, 3)})
     finally:
-        for close in reversed(cleanup):
-            with contextlib.suppress(Exception):
-                result = close()
-                if asyncio.iscoroutine(result):
-                    await result
         os.close(lock_fd)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m allocd.sidecar --config FILE [--port-file F]`: the sidecar without the `allocd` CLI."""
-    from allocd import daemon
-
-    parser = argparse.ArgumentParser(prog="allocd-sidecar", description=__doc__.splitlines()[0])
-    daemon.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-        configure_logging(settings.server.log_level)
-        return asyncio.run(run_sidecar(settings, port_file=args.port_file))
-    except ConfigError as exc:
-        print(f"allocd: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from allocd.config import KafkaSettings
 from allocd.embedded import EmbeddedBroker, create_topics
-from allocd.sources.kafka import KafkaJournalStore
+from allocd.stores.kafka import KafkaJournalStore
 
 __all__ = ["main"]
 

@@ -152,7 +152,8 @@ async def run(args: argparse.Namespace) -> None:
         port_file = work / "port"
         command = [
             "-m",
-            "allocd.sidecar",
+            "allocd.cli",
+            "run",
             "--config",
             str(work / "sidecar.toml"),
             "--port-file",

@@ -24,13 +24,15 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import generate_latest
 
 from allocd.config import load_settings
-from allocd.daemon import make_client, make_key
 from allocd.embedded import Message, create_topics, read_committed
-from allocd.events import Decoder, DecoderConfig
+from allocd.events import Decoder
 from allocd.journal import Journal
+from allocd.kafka_conn import make_producer
 from allocd.observability import Health, Metrics
 from allocd.pipeline import Pipeline
-from allocd.sources.kafka import KafkaDeadLetters, KafkaJournalStore, KafkaSource, make_producer
+from allocd.sources.kafka import KafkaSource
+from allocd.stores.kafka import KafkaDeadLetters, KafkaJournalStore
+from allocd.wiring import make_client, make_key
 from tests.bench.end_to_end import bench_config, compare_totals, records_sent
 from tests.bench.measure import Result
 from tests.bench.workload import HOUR_MS, Truth, Workload, generate
@@ -92,17 +94,18 @@ async def run_keyhour(
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await journal_producer.start()
     await producer.start()
-    client = make_client(settings, make_key(settings), metrics)
+    health = Health(conditions=("assigned",))
+    client = make_client(settings.api, make_key(settings.api), metrics, health)
     store = KafkaJournalStore(k, journal_producer)
     pipeline = Pipeline(
         settings.pipeline,
         KafkaSource(k),
-        Decoder(DecoderConfig.from_dict(settings.events, prefix="events.")),
+        Decoder(settings.events),
         client,
         Journal(store),
         KafkaDeadLetters(k.dlq_topic, journal_producer),
         metrics,
-        Health(conditions=("assigned",)),
+        health,
         clock=lambda: now_ms[0] / 1000,
     )
     stop = asyncio.Event()

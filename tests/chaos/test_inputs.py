@@ -9,8 +9,9 @@ import tomllib
 from collections import Counter
 from decimal import Decimal
 
+from allocd.config import EventsSettings
 from allocd.errors import InvalidEvent
-from allocd.events import Decoder, DecoderConfig
+from allocd.events import Decoder
 from allocd.windows import window_bounds
 
 from .inputs import POISON_KINDS, InputFactory, stream_tables
@@ -18,7 +19,7 @@ from .inputs import POISON_KINDS, InputFactory, stream_tables
 
 def decoder() -> Decoder:
     table = tomllib.loads('[events]\nundeclared = "reject"\n' + stream_tables())["events"]
-    return Decoder(DecoderConfig.from_dict(table, prefix="events"))
+    return Decoder(EventsSettings.from_dict(table, prefix="events"))
 
 
 def test_generator_truth_agrees_with_the_rules() -> None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from allocd.config import Settings, load_settings
-from allocd.events import DecoderConfig
+from allocd.cloudzero.records import Granularity
+from allocd.config import EventsSettings, Settings, StreamSettings, load_settings
 from tests.deploy.deploytools import (
     CHART,
     CRD_KINDS,
@@ -51,7 +51,7 @@ def rendered_settings(docs: list[dict[str, Any]], tmp_path: Path) -> Settings:
     path = tmp_path / "allocd.toml"
     path.write_text(config_map["data"]["allocd.toml"])
     settings = load_settings(path, env=container_env(docs))
-    DecoderConfig.from_dict(settings.events, prefix="events.")
+    assert isinstance(settings.events, EventsSettings)  # [events] is validated by load_settings too
     return settings
 
 
@@ -280,8 +280,8 @@ def test_config_toml_quotes_non_bare_keys(tmp_path: Path) -> None:
         },
     )
     settings = rendered_settings(docs, tmp_path)
-    stream = settings.events["streams"]["billing.usage"]
-    assert stream == {"granularity": "DAILY", "dimensions": ["custom:feature"]}
+    stream = settings.events.streams["billing.usage"]
+    assert stream == StreamSettings("billing.usage", Granularity.DAILY, frozenset({"custom:feature"}))
     assert settings.kafka.client_id == 'allocd "prod"'
     toml = tomllib.loads((tmp_path / "allocd.toml").read_text())
     assert toml["api"]["api_key_file"] == settings.api.api_key_file

@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from allocd.config import load_settings
-from allocd.events import DecoderConfig
+from allocd.config import EventsSettings, load_settings
 from tests.deploy.deploytools import DEPLOY, allocd_container, one_of_kind, run, tool, validate_manifests
 
 BASE = DEPLOY / "kubernetes"
@@ -29,7 +28,7 @@ def test_config_and_deployment_agree(tmp_path: Path) -> None:
     path = tmp_path / "allocd.toml"
     path.write_text(config_map["data"]["allocd.toml"])
     settings = load_settings(path, env={})
-    DecoderConfig.from_dict(settings.events, prefix="events.")
+    assert isinstance(settings.events, EventsSettings)  # [events] is validated by load_settings too
     deployment = one_of_kind(docs, "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     container = allocd_container(spec)

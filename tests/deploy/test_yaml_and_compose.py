@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from allocd.config import load_settings
-from allocd.events import DecoderConfig
+from allocd.config import EventsSettings, load_settings
 from tests.deploy.deploytools import CHART, DEPLOY, ROOT, load_yaml, run, tool
 
 YAMLLINT_CONFIG = Path(__file__).with_name("yamllint.yaml")
@@ -54,7 +53,7 @@ def test_compose_stack(tmp_path: Path) -> None:
     source, target, _ = mount.split(":")
     assert allocd["command"] == ["run", "--config", target]
     settings = load_settings(COMPOSE.parent / source, env=env)
-    DecoderConfig.from_dict(settings.events, prefix="events.")
+    assert isinstance(settings.events, EventsSettings)  # [events] is validated by load_settings too
     assert settings.api.base_url == "http://emulator:8080"
     grace = int(allocd["stop_grace_period"].removesuffix("s"))
     assert grace > settings.pipeline.shutdown_timeout_seconds

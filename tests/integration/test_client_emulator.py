@@ -20,10 +20,12 @@ import pytest
 
 from allocd.cloudzero import send
 from allocd.cloudzero.apikey import ApiKey
-from allocd.cloudzero.client import ClientConfig, ClientObserver, CloudZeroClient
+from allocd.cloudzero.client import ClientObserver, CloudZeroClient
 from allocd.cloudzero.emulator import EmulatorConfig, Faults, bound_port, serve
 from allocd.cloudzero.records import Op, canonical_filter
+from allocd.config import ApiSettings
 from allocd.errors import AuthError
+from tests.api_client import client_settings
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +87,10 @@ def client(url: str, observer: ClientObserver | None = None, **config: Any) -> C
     config.setdefault("backoff_cap", 0.1)
     config.setdefault("retry_deadline", 20.0)
     return CloudZeroClient(
-        ClientConfig(base_url=url, **config), ApiKey.from_value(KEY), observer=observer, rng=random.Random(1)
+        key=ApiKey.from_value(KEY),
+        observer=observer,
+        rng=random.Random(1),
+        **client_settings(base_url=url, **config),
     )
 
 
@@ -201,7 +206,7 @@ async def test_bad_records_are_isolated_and_the_rest_delivered() -> None:
 
 async def test_a_wrong_key_is_an_auth_error() -> None:
     async with emulator() as emu:
-        api = CloudZeroClient(ClientConfig(base_url=emu.url), ApiKey.from_value("not-the-key"))
+        api = CloudZeroClient(ApiSettings(base_url=emu.url), ApiKey.from_value("not-the-key"))
         async with api:
             with pytest.raises(AuthError) as err:
                 await api.send(STREAM, Op.SUM, workload(1)[0])

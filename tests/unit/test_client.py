@@ -22,7 +22,6 @@ from aiohttp.test_utils import TestServer
 from allocd.cloudzero import send as send_command
 from allocd.cloudzero.apikey import ApiKey
 from allocd.cloudzero.client import (
-    ClientConfig,
     ClientObserver,
     CloudZeroClient,
     RequestOutcome,
@@ -33,7 +32,9 @@ from allocd.cloudzero.client import (
 )
 from allocd.cloudzero.ratelimit import RateLimiter
 from allocd.cloudzero.records import MESSAGES, Op, RecordError, encode_body
+from allocd.config import ApiSettings
 from allocd.errors import AuthError, ConfigError, TransientError
+from tests.api_client import client_settings
 
 from .fakes import FakeClock
 
@@ -174,8 +175,8 @@ def make_client(
     clock = clock or fake_clock()
     config.setdefault("records_per_second", 1e9)
     return CloudZeroClient(
-        ClientConfig(base_url=url, **config),
-        ApiKey.from_value(SECRET),
+        key=ApiKey.from_value(SECRET),
+        **client_settings(base_url=url, **config),
         observer=observer,
         rng=random.Random(7),
         sleep=clock.sleep,
@@ -360,8 +361,8 @@ async def test_full_jitter_ceiling_doubles_up_to_the_cap() -> None:
     clock = fake_clock()
     async with serve(statuses(*([503] * 9))) as api:
         client = CloudZeroClient(
-            ClientConfig(base_url=api.url, records_per_second=1e9, backoff_base=0.5, backoff_cap=30.0),
-            ApiKey.from_value(SECRET),
+            key=ApiKey.from_value(SECRET),
+            **client_settings(base_url=api.url, records_per_second=1e9, backoff_base=0.5, backoff_cap=30.0),
             rng=MaxRandom(),
             sleep=clock.sleep,
             clock=clock,
@@ -554,7 +555,7 @@ async def test_stop_interrupts_a_backoff_at_once() -> None:
     stop = asyncio.Event()
     async with serve(slow_down) as api:
         client = CloudZeroClient(
-            ClientConfig(base_url=api.url, records_per_second=1e9), ApiKey.from_value(SECRET)
+            ApiSettings(base_url=api.url, records_per_second=1e9), ApiKey.from_value(SECRET)
         )  # the real asyncio.sleep: the 100 s backoff must be cut short by the event
         async with client:
             task = asyncio.create_task(client.send_request("s", Op.SUM, [rec(0), rec(1)], stop))
@@ -646,7 +647,7 @@ async def test_every_attempt_is_paced_by_the_shared_limiter() -> None:
 
     async with serve(respond) as api:
         client = CloudZeroClient(
-            ClientConfig(base_url=api.url),
+            ApiSettings(base_url=api.url),
             ApiKey.from_value(SECRET),
             observer=observer,
             limiter=limiter,
@@ -698,7 +699,7 @@ async def test_the_key_never_appears_in_logs_reprs_or_errors(caplog: pytest.LogC
                 async with make_client(f"http://127.0.0.1:{closed_port()}", retry_deadline=5) as other:
                     await other.send_request("s", Op.SUM, [rec(0)])
             errors.append(refused.value)
-            shown = [repr(client), str(client), repr(out), repr(client.config)]
+            shown = [repr(client), str(client), repr(out), repr(client.settings), repr(client.tuning)]
     assert out.in_doubt == 2 and out.rejected == [(1, "bad record")]
     assert len(errors) == 2
     assert caplog.records, "the run should have logged"
@@ -796,10 +797,10 @@ def test_summary_line() -> None:
 )
 def test_config_errors_name_the_field(field_name: str, value: Any) -> None:
     with pytest.raises(ConfigError) as err:
-        ClientConfig(**{field_name: value})
-    assert err.value.key == field_name
+        ApiSettings(**{field_name: value}).validate("api.")
+    assert err.value.key == f"api.{field_name}"
 
 
 def test_default_burst_is_one_full_request() -> None:
-    assert ClientConfig().effective_burst == 3000.0
-    assert ClientConfig(burst=50).effective_burst == 50.0
+    assert ApiSettings().effective_burst == 3000.0
+    assert ApiSettings(burst=50).effective_burst == 50.0

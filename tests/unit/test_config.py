@@ -9,13 +9,16 @@ from typing import Any, get_type_hints
 
 import pytest
 
+from allocd.cloudzero.records import Granularity
 from allocd.config import (
     ApiSettings,
+    EventsSettings,
     KafkaSettings,
     PipelineSettings,
     ServerSettings,
     Settings,
     SidecarSettings,
+    StreamSettings,
     load_settings,
 )
 from allocd.errors import ConfigError
@@ -74,7 +77,7 @@ def test_no_file_and_no_environment_gives_the_defaults() -> None:
     assert settings == Settings()
     assert settings.kafka.topics == ("allocd-events",)
     assert settings.api.base_url == "https://api.cloudzero.com"
-    assert settings.events == {}
+    assert settings.events == EventsSettings({})
 
 
 def test_settings_are_frozen() -> None:
@@ -104,6 +107,7 @@ def test_the_file_sets_every_section(tmp_path: Path) -> None:
         enabled = true
         [events]
         default_stream = "billing"
+        [events.streams.billing]
         """,
     )
     assert settings.kafka.bootstrap_servers == "k1:9092,k2:9092"
@@ -115,7 +119,8 @@ def test_the_file_sets_every_section(tmp_path: Path) -> None:
     assert settings.pipeline.max_open_keys == 1000
     assert settings.server.port == 0 and settings.server.log_level == "debug"
     assert settings.sidecar.enabled is True
-    assert settings.events == {"default_stream": "billing"}
+    assert settings.events.default_stream == "billing"
+    assert settings.events.streams["billing"] == StreamSettings("billing")
 
 
 def test_every_key_can_be_set_in_the_file(tmp_path: Path) -> None:
@@ -152,15 +157,13 @@ def test_allocd_config_names_the_file(tmp_path: Path) -> None:
     assert load_settings(explicit, env={"ALLOCD_CONFIG": str(path)}).kafka.group_id == "explicit"
 
 
-def test_the_events_section_passes_through_with_its_env_overrides(tmp_path: Path) -> None:
+def test_the_events_section_is_typed_with_its_env_overrides(tmp_path: Path) -> None:
     toml = '[events]\ndefault_stream = "a"\nundeclared = "reject"\n'
     toml += '[events.streams.billing]\ngranularity = "DAILY"\n'
     settings = load(tmp_path, toml, ALLOCD_EVENTS_DEFAULT_STREAM="b", ALLOCD_EVENTS_UNDECLARED="accept")
-    assert settings.events == {
-        "default_stream": "b",
-        "undeclared": "accept",
-        "streams": {"billing": {"granularity": "DAILY"}},
-    }
+    assert settings.events.default_stream == "b"
+    assert settings.events.undeclared == "accept"
+    assert settings.events.streams == {"billing": StreamSettings("billing", Granularity.DAILY)}
 
 
 # --- the file itself ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from allocd.cli import main
 from allocd.cloudzero.emulator import (
     KEYS_ENV,
     Emulator,
@@ -33,7 +34,6 @@ from allocd.cloudzero.emulator import (
     config_from_args,
     create_app,
     get_emulator,
-    main,
     serve,
 )
 from allocd.cloudzero.records import MAX_BODY_BYTES, MESSAGES, canonical_filter
@@ -728,13 +728,13 @@ def test_config_from_args_merges_env_keys_and_names_bad_options() -> None:
 
 def test_main_without_a_key_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEYS_ENV, raising=False)
-    assert main(["--port", "0"]) == 2
+    assert main(["emulator", "--port", "0"]) == 2
 
 
 async def test_cli_serves_until_sigterm_and_exits_0(tmp_path: Path) -> None:
     port_file = tmp_path / "port"
     env = {**os.environ, KEYS_ENV: f"{OTHER_KEY},{KEY}"}
-    argv = ["-m", "allocd.cloudzero.emulator", "--port", "0", "--port-file", str(port_file), "--admin"]
+    argv = ["-m", "allocd.cli", "emulator", "--port", "0", "--port-file", str(port_file), "--admin"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )

@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from allocd.cloudzero.records import Granularity
+from allocd.config import EventsSettings, MappingSettings, StreamSettings
 from allocd.errors import ConfigError, InvalidEvent
-from allocd.events import REASONS, Decoder, DecoderConfig, Event, StreamSpec
-from allocd.mapping import FieldMapping
+from allocd.events import REASONS, Decoder, Event
 
 T0 = 1_795_774_503_120  # 2026-11-27T10:15:03.120Z, the canonical example's time
 ARRIVAL = T0 + 1_000  # the record timestamp: one second after the event
@@ -26,12 +26,14 @@ CANONICAL = {
     "filter": {"custom:feature": ["billing"], "tag:environment": ["prod"]},
     "value": 250,
 }
-BILLING = StreamSpec("billing-usage", Granularity.HOURLY, frozenset({"custom:feature", "tag:environment"}))
-PLAIN = StreamSpec("plain", Granularity.DAILY)
+BILLING = StreamSettings(
+    "billing-usage", Granularity.HOURLY, frozenset({"custom:feature", "tag:environment"})
+)
+PLAIN = StreamSettings("plain", Granularity.DAILY)
 
 
-def config(**over: Any) -> DecoderConfig:
-    return DecoderConfig(streams={"billing-usage": BILLING, "plain": PLAIN}, **over)
+def config(**over: Any) -> EventsSettings:
+    return EventsSettings(streams={"billing-usage": BILLING, "plain": PLAIN}, **over)
 
 
 def event(**over: Any) -> bytes:
@@ -40,11 +42,11 @@ def event(**over: Any) -> bytes:
     return json.dumps({k: v for k, v in obj.items() if v is not ...}).encode()
 
 
-def decode(raw: bytes, cfg: DecoderConfig | None = None, record_ts_ms: int = ARRIVAL) -> Event:
+def decode(raw: bytes, cfg: EventsSettings | None = None, record_ts_ms: int = ARRIVAL) -> Event:
     return Decoder(cfg or config()).decode(raw, record_ts_ms)
 
 
-def reason(raw: bytes, cfg: DecoderConfig | None = None, record_ts_ms: int = ARRIVAL) -> str:
+def reason(raw: bytes, cfg: EventsSettings | None = None, record_ts_ms: int = ARRIVAL) -> str:
     with pytest.raises(InvalidEvent) as info:
         decode(raw, cfg, record_ts_ms)
     assert info.value.reason in REASONS
@@ -117,7 +119,7 @@ def test_input_types() -> None:
 
 # --- every rejection reason ----------------------------------------------------------------------------
 LONG_AGO = "2026-11-01T00:00:00Z"
-REJECTIONS: list[tuple[str, bytes, DecoderConfig | None]] = [
+REJECTIONS: list[tuple[str, bytes, EventsSettings | None]] = [
     ("not_json", b'{"element_name": "x",', None),
     ("not_json", b"\xff\xfe not utf-8", None),
     ("not_json", b'{"element_name": "x", "value": NaN}', None),
@@ -168,7 +170,7 @@ REJECTIONS: list[tuple[str, bytes, DecoderConfig | None]] = [
 
 
 @pytest.mark.parametrize(("expected", "raw", "cfg"), REJECTIONS)
-def test_rejection_reason(expected: str, raw: bytes, cfg: DecoderConfig | None) -> None:
+def test_rejection_reason(expected: str, raw: bytes, cfg: EventsSettings | None) -> None:
     assert reason(raw, cfg) == expected
 
 
@@ -227,7 +229,7 @@ def test_exact_value_when_escapes_or_repeated_keys_hide_the_literal() -> None:
 
 
 def test_nested_value_path_keeps_its_literal() -> None:
-    cfg = config(mapping=FieldMapping(value="usage.amount"))
+    cfg = config(mapping=MappingSettings(value="usage.amount"))
     raw = b'{"stream":"plain","element_name":"e","usage":{"amount":2.000000000000000000001}}'
     assert decode(raw, cfg).value == Decimal("2.000000000000000000001")
 
@@ -252,7 +254,7 @@ def test_nested_value_path_keeps_its_literal() -> None:
     ],
 )
 def test_timestamp_formats(fmt: str, raw: Any, expected: int) -> None:
-    cfg = config(mapping=FieldMapping(timestamp_format=fmt))
+    cfg = config(mapping=MappingSettings(timestamp_format=fmt))
     assert decode(event(timestamp=raw), cfg).timestamp_ms == expected
 
 
@@ -267,7 +269,7 @@ def test_date_only_timestamp_is_midnight_utc() -> None:
 )
 def test_timestamp_not_in_its_format(fmt: str, raw: Any) -> None:
     assert (
-        reason(event(timestamp=raw), config(mapping=FieldMapping(timestamp_format=fmt)))
+        reason(event(timestamp=raw), config(mapping=MappingSettings(timestamp_format=fmt)))
         == "invalid_timestamp"
     )
 
@@ -320,7 +322,7 @@ PRODUCER = {
     "usage": {"records": "250"},
     "labels": {"features": ["billing", "export"]},
 }
-PRODUCER_MAPPING = FieldMapping(
+PRODUCER_MAPPING = MappingSettings(
     element="customer.id",
     value="usage.records",
     timestamp="ts",
@@ -353,21 +355,21 @@ def test_mapping_with_filter_none_ignores_a_filter_field() -> None:
 
 
 def test_mapped_dimensions_merge_with_the_filter_object() -> None:
-    mapping = FieldMapping(dimensions={"custom:feature": "feature", "tag:environment": "env"})
+    mapping = MappingSettings(dimensions={"custom:feature": "feature", "tag:environment": "env"})
     raw = event(filter={"custom:feature": ["billing"]}, feature="export", env=7)
     ev = decode(raw, config(mapping=mapping))
     assert ev.filter == (("custom:feature", ("billing", "export")), ("tag:environment", ("7",)))
 
 
 def test_missing_mapped_dimension_is_absent() -> None:
-    mapping = FieldMapping(dimensions={"tag:environment": "env"})
+    mapping = MappingSettings(dimensions={"tag:environment": "env"})
     assert (
         reason(event(filter={"custom:feature": ["billing"]}), config(mapping=mapping)) == "dimension_mismatch"
     )
 
 
 def test_mapped_dimension_value_of_the_wrong_type() -> None:
-    mapping = FieldMapping(dimensions={"tag:environment": "env"})
+    mapping = MappingSettings(dimensions={"tag:environment": "env"})
     raw = event(filter={"custom:feature": ["billing"]}, env={"a": 1})
     assert reason(raw, config(mapping=mapping)) == "invalid_filter"
     assert (
@@ -376,17 +378,17 @@ def test_mapped_dimension_value_of_the_wrong_type() -> None:
 
 
 def test_path_through_a_non_object_is_missing() -> None:
-    cfg = config(mapping=FieldMapping(element="customer.id"))
+    cfg = config(mapping=MappingSettings(element="customer.id"))
     assert reason(event(customer="hooli"), cfg) == "missing_element"
 
 
 def test_constant_filter_is_added_and_overrides_the_event() -> None:
-    spec = StreamSpec(
+    spec = StreamSettings(
         "billing-usage",
         dimensions=frozenset({"custom:feature", "tag:environment"}),
         constant_filter=(("tag:environment", ("prod",)),),
     )
-    cfg = DecoderConfig(streams={"billing-usage": spec})
+    cfg = EventsSettings(streams={"billing-usage": spec})
     ev = decode(event(filter={"custom:feature": ["billing"]}), cfg)
     assert ev.filter == (("custom:feature", ("billing",)), ("tag:environment", ("prod",)))
     ev = decode(event(filter={"custom:feature": ["billing"], "tag:environment": ["dev"]}), cfg)
@@ -426,7 +428,7 @@ def test_decode_obj_keeps_decimal_digits() -> None:
 
 # --- configuration -------------------------------------------------------------------------------------
 def test_from_dict_full_example() -> None:
-    cfg = DecoderConfig.from_dict(
+    cfg = EventsSettings.from_dict(
         {
             "streams": {
                 "billing-usage": {
@@ -447,13 +449,13 @@ def test_from_dict_full_example() -> None:
         }
     )
     spec = cfg.streams["billing-usage"]
-    assert spec == StreamSpec(
+    assert spec == StreamSettings(
         "billing-usage",
         Granularity.DAILY,
         frozenset({"custom:feature", "tag:environment"}),
         (("tag:environment", ("prod",)),),
     )
-    assert cfg.streams["plain"] == StreamSpec("plain")
+    assert cfg.streams["plain"] == StreamSettings("plain")
     assert cfg.default_stream == "plain"
     assert cfg.mapping.filter is None and cfg.mapping.element == "customer.id"
     assert cfg.mapping.dimensions == {"custom:feature": "labels.features"}
@@ -461,7 +463,7 @@ def test_from_dict_full_example() -> None:
 
 
 def test_from_dict_defaults() -> None:
-    assert DecoderConfig.from_dict({}) == DecoderConfig(streams={})
+    assert EventsSettings.from_dict({}) == EventsSettings(streams={})
 
 
 @pytest.mark.parametrize(
@@ -502,12 +504,12 @@ def test_from_dict_defaults() -> None:
 )
 def test_from_dict_errors_name_the_key(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        DecoderConfig.from_dict(data)
+        EventsSettings.from_dict(data)
     assert info.value.key == key
 
 
 def test_from_dict_prefix() -> None:
     with pytest.raises(ConfigError) as info:
-        DecoderConfig.from_dict({"streams": {"billing": {"granularity": "WEEKLY"}}}, prefix="events")
+        EventsSettings.from_dict({"streams": {"billing": {"granularity": "WEEKLY"}}}, prefix="events")
     assert info.value.key == "events.streams.billing.granularity"
     assert "events.streams.billing.granularity" in str(info.value)

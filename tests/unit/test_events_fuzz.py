@@ -19,9 +19,10 @@ from allocd.cloudzero.records import (
     validate_element_name,
     validate_stream_name,
 )
+from allocd.config import EventsSettings, MappingSettings, StreamSettings
 from allocd.errors import InvalidEvent
-from allocd.events import REASONS, Decoder, DecoderConfig, Event, StreamSpec
-from allocd.mapping import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, FieldMapping, _parse_iso_ms, iso_ms
+from allocd.events import REASONS, Decoder, Event
+from allocd.mapping import MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS, _parse_iso_ms, iso_ms
 
 from .test_events import CANONICAL
 
@@ -30,18 +31,22 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 DIMENSIONS = ["custom:feature", "tag:environment", "region", "k8s_label:app", "custom:a.b", "feature", "tag:"]
 STREAMS = {
-    "billing-usage": StreamSpec("billing-usage", dimensions=frozenset({"custom:feature", "tag:environment"})),
-    "plain": StreamSpec("plain", Granularity.DAILY),
-    "const": StreamSpec("const", dimensions=frozenset({"region"}), constant_filter=(("region", ("eu",)),)),
+    "billing-usage": StreamSettings(
+        "billing-usage", dimensions=frozenset({"custom:feature", "tag:environment"})
+    ),
+    "plain": StreamSettings("plain", Granularity.DAILY),
+    "const": StreamSettings(
+        "const", dimensions=frozenset({"region"}), constant_filter=(("region", ("eu",)),)
+    ),
 }
 DECODERS = [
-    Decoder(DecoderConfig(streams=STREAMS)),
-    Decoder(DecoderConfig(streams=STREAMS, undeclared="accept", default_stream="plain")),
+    Decoder(EventsSettings(streams=STREAMS)),
+    Decoder(EventsSettings(streams=STREAMS, undeclared="accept", default_stream="plain")),
     Decoder(
-        DecoderConfig(
+        EventsSettings(
             streams=STREAMS,
             undeclared="accept",
-            mapping=FieldMapping(
+            mapping=MappingSettings(
                 element="customer.id",
                 value="usage.amount",
                 timestamp="ts",
@@ -50,7 +55,9 @@ DECODERS = [
             ),
         )
     ),
-    Decoder(DecoderConfig(streams=STREAMS, mapping=FieldMapping(timestamp_format="epoch_s", filter=None))),
+    Decoder(
+        EventsSettings(streams=STREAMS, mapping=MappingSettings(timestamp_format="epoch_s", filter=None))
+    ),
 ]
 
 scalars = st.one_of(

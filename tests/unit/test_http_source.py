@@ -16,15 +16,15 @@ import aiohttp
 import orjson
 import pytest
 
-from allocd.config import SidecarSettings
+from allocd.config import EventsSettings, SidecarSettings
 from allocd.emit import aemit, emit
 from allocd.errors import AuthError, PermanentError, TransientError
-from allocd.events import Decoder, DecoderConfig
-from allocd.observability import Metrics
+from allocd.events import Decoder
+from allocd.observability import Metrics, SidecarMetrics
 from allocd.sources.base import Batch
-from allocd.sources.files import FileDeadLetters
-from allocd.sources.http import SPOOL_TP, HttpSource, SidecarMetrics, split_events
+from allocd.sources.http import SPOOL_TP, HttpSource, split_events
 from allocd.sources.spool import Spool, frame_size
+from allocd.stores.files import FileDeadLetters
 
 NOW = 1_795_774_503.120  # 2026-11-27T10:15:03.120Z
 NOW_MS = int(NOW * 1000)
@@ -79,7 +79,7 @@ async def make_sidecar(
         max_body_bytes=max_body_bytes,
     )
     decoder = Decoder(
-        DecoderConfig.from_dict({"streams": {"billing-usage": {"dimensions": ["custom:feature"]}}})
+        EventsSettings.from_dict({"streams": {"billing-usage": {"dimensions": ["custom:feature"]}}})
     )
     metrics = Metrics()
     sm = SidecarMetrics(metrics.registry)

@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from allocd.cloudzero.records import Granularity
-from allocd.journal import Journal, MemoryJournalStore, PartitionState, Recovered, cell_digest, recover
+from allocd.journal import Journal, PartitionState, Recovered, cell_digest, recover
+from allocd.stores.memory import MemoryJournalStore
 from allocd.windows import TP, Accumulator, CellKey, Snapshot
 
 HOUR = 3_600_000

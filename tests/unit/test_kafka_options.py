@@ -6,7 +6,7 @@ import ssl
 from pathlib import Path
 
 from allocd.config import KafkaSettings
-from allocd.sources.kafka import connection_options
+from allocd.kafka_conn import connection_options
 
 
 def test_plaintext_passes_no_security_options() -> None:

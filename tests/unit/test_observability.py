@@ -20,10 +20,8 @@ from allocd.observability import (
     DecayedRate,
     Health,
     Metrics,
-    bound_port,
-    make_app,
-    start_http_server,
 )
+from allocd.webserver import bound_port, make_app, start_http_server
 
 # 2024-05-01T00:00:00Z
 MIDNIGHT = 1_714_521_600.0

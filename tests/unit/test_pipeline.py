@@ -23,13 +23,14 @@ import orjson
 import pytest
 
 from allocd.cloudzero.client import RequestOutcome
-from allocd.config import PipelineSettings
+from allocd.config import EventsSettings, PipelineSettings
 from allocd.errors import AuthError, TransientError
-from allocd.events import Decoder, DecoderConfig
-from allocd.journal import Journal, MemoryJournalStore, cell_digest
+from allocd.events import Decoder
+from allocd.journal import Journal, cell_digest
 from allocd.observability import Health, Metrics
 from allocd.pipeline import Pipeline
 from allocd.sources.base import AssignmentListener, Batch, Message
+from allocd.stores.memory import MemoryJournalStore
 from allocd.windows import CELL_BYTES_ESTIMATE, TP
 
 pytestmark = pytest.mark.timeout(10)
@@ -39,7 +40,7 @@ WINDOW = 10  # seconds (the test-only window override)
 GRACE = 1.0
 P0: TP = ("usage", 0)
 P1: TP = ("usage", 1)
-DECODER = DecoderConfig.from_dict({"streams": {"s": {"granularity": "HOURLY", "dimensions": []}}})
+DECODER = EventsSettings.from_dict({"streams": {"s": {"granularity": "HOURLY", "dimensions": []}}})
 
 
 def w(k: int, at: float = 1.0) -> float:
@@ -673,7 +674,7 @@ class HangingJournalStore(MemoryJournalStore):
 async def test_stuck_delivery_fails_liveness() -> None:
     rig = make_rig(shutdown_timeout_seconds=1.0)  # shutdown waits for the stuck cycle that long
     store = HangingJournalStore()
-    rig.pipeline.journal = Journal(store)
+    rig.pipeline.journal = rig.pipeline.cycle.journal = Journal(store)
     async with running(rig):
         rig.add(w(0), "a", 1)
         await until(lambda: accepted(rig) == 1, "window 0 read")

@@ -12,10 +12,9 @@ import orjson
 import pytest
 
 from allocd.cloudzero.records import Granularity
-from allocd.journal import Journal, MemoryJournalStore, PartitionState, recover
-from allocd.sidecar import position_floor
+from allocd.journal import Journal, PartitionState, position_floor, recover
 from allocd.sources.base import Message
-from allocd.sources.files import FileDeadLetters, FileJournalStore
+from allocd.sources.http import SPOOL_TP
 from allocd.sources.spool import (
     FRAME_OVERHEAD,
     Spool,
@@ -24,6 +23,8 @@ from allocd.sources.spool import (
     SpoolFull,
     frame_size,
 )
+from allocd.stores.files import FileDeadLetters, FileJournalStore
+from allocd.stores.memory import MemoryJournalStore
 from allocd.windows import Accumulator
 
 TS = 1_795_774_503_120
@@ -368,6 +369,6 @@ def test_position_floor_is_the_highest_position_the_journal_names_for_the_spool(
         PartitionState(30, {("s", 0): 35}, {"d": 38}).to_entry(("spool", 0)),
         PartitionState(500, {}, {}).to_entry(("other", 0)),
     ]
-    assert position_floor(entries) == 40
-    assert position_floor(entries[2:]) == 38
-    assert position_floor([]) == 0
+    assert position_floor(entries, SPOOL_TP) == 40
+    assert position_floor(entries[2:], SPOOL_TP) == 38
+    assert position_floor([], SPOOL_TP) == 0

@@ -6,12 +6,14 @@ import calendar
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from allocd.cloudzero.records import Granularity, bucket_start, window_end
+from allocd.errors import InvalidEvent
 from allocd.windows import CELL_BYTES_ESTIMATE, Accumulator, Snapshot, window_bounds
 
 PROPS = settings(max_examples=200, deadline=None)
@@ -127,13 +129,65 @@ def test_min_offsets_hold_the_lowest_offset_per_partition_per_window() -> None:
     assert acc.min_offsets() == {TP0: 102}  # what is left holds the committed position back
 
 
-def test_add_cell_is_add_for_a_precomputed_window() -> None:
+class Rec(NamedTuple):
+    """A source record as the accumulator reads it."""
+
+    offset: int
+    timestamp: int
+    value: bytes | None
+
+
+def test_add_is_add_batch_of_one_decoded_record() -> None:
+    """`add` (tests, tools) and the pipeline's `add_batch` are one path: same windows, offsets and counts."""
     a, b = Accumulator(), Accumulator()
-    start, end = window_bounds(ms(2021, 3, 3, 3), Granularity.HOURLY)
-    a.add("s", Granularity.HOURLY, ms(2021, 3, 3, 3), "e", FLT, 3, TP0, 5)
-    b.add_cell(("s", start), end, Granularity.HOURLY, "e", FLT, 3, TP0, 5)
+    ts = ms(2021, 3, 3, 3)
+    a.add("s", Granularity.HOURLY, ts, "e", FLT, 3, TP0, 5)
+    a.add("s", Granularity.HOURLY, ts + 1, "e", FLT, 4, TP0, 6)
+    records = [Rec(5, ts, b"x"), Rec(6, ts + 1, b"y")]
+    fields = {
+        b"x": ("s", ts, "e", FLT, 3, None, Granularity.HOURLY),
+        b"y": ("s", ts + 1, "e", FLT, 4, None, Granularity.HOURLY),
+    }
+    added = b.add_batch(TP0, records, lambda raw, _ts: fields[raw])
     assert a.windows == b.windows
     assert len(a) == len(b) == 1
+    assert (added.next_offset, added.accepted, added.late, added.skipped) == (7, {"s": 2}, {}, 0)
+
+
+def test_add_batch_skips_refetched_and_delivered_records_and_returns_rejections() -> None:
+    acc = Accumulator()
+
+    class Delivered:
+        def should_skip(self, offset: int, window: tuple[str, int], cell: object) -> bool:
+            return offset == 11
+
+    def decode(raw: bytes | None, ts: int) -> tuple:
+        if raw == b"bad":
+            raise InvalidEvent("not_json", "no")
+        return ("s", ts, raw.decode(), NOFILTER, 1, None, Granularity.HOURLY)
+
+    recs = [Rec(9, 0, b"a"), Rec(10, 0, b"a"), Rec(11, 0, b"b"), Rec(12, 0, b"bad"), Rec(13, HOUR, b"c")]
+    added = acc.add_batch(TP0, recs, decode, expect=10, skip=Delivered())
+    assert added.next_offset == 14
+    assert [(r.offset, reason) for r, reason, _ in added.rejected] == [(12, "not_json")]
+    assert added.skipped == 1 and added.accepted == {"s": 2}
+    assert acc.windows[("s", 0)].cells == {("a", NOFILTER): 1}  # offset 9 was below `expect`
+    assert acc.windows[("s", 0)].min_offsets == {TP0: 10}
+
+
+def test_add_batch_counts_a_delivered_window_as_late_until_taken_again() -> None:
+    acc = Accumulator()
+    decode = lambda raw, ts: ("s", ts, "e", NOFILTER, 1, None, Granularity.HOURLY)  # noqa: E731
+    late = acc.add_batch(TP0, [Rec(0, 10, b"")], decode, horizon_ms=2 * HOUR, grace_ms=0)
+    assert late.late == {"s": 1} and acc.reopened == {("s", 0)}
+    again = acc.add_batch(TP0, [Rec(1, 20, b"")], decode, expect=1, horizon_ms=2 * HOUR)
+    assert again.late == {"s": 1}  # the window is open again, but it is still a delta
+    acc.take([("s", 0)], {TP0: 2}, "closed")
+    assert acc.reopened == set()
+    fresh = acc.add_batch(
+        TP0, [Rec(2, HOUR + 5, b"")], decode, expect=2, horizon_ms=HOUR + 10, grace_ms=60_000
+    )
+    assert fresh.late == {}
 
 
 def test_override_window_size_is_used_by_add() -> None:

@@ -51,11 +51,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from yarl import URL
 
 from allocd import __version__
 from allocd.cloudzero.apikey import ApiKey
@@ -63,18 +62,18 @@ from allocd.cloudzero.ratelimit import Clock, RateLimiter, Sleep, sleep_or_stop
 from allocd.cloudzero.records import (
     MAX_BODY_BYTES,
     MAX_RECORDS_PER_REQUEST,
-    RATE_RECORDS_PER_SECOND,
     Op,
     RecordError,
     encode_body,
     parse_record,
     validate_stream_name,
 )
-from allocd.errors import AuthError, ConfigError, DeliveryError, TransientError
+from allocd.config import ApiSettings
+from allocd.errors import AuthError, DeliveryError, TransientError
 
 __all__ = [
-    "ClientConfig",
     "ClientObserver",
+    "ClientTuning",
     "CloudZeroClient",
     "RequestOutcome",
     "pack",
@@ -93,44 +92,15 @@ _MESSAGE_READ_BYTES = 4096
 
 
 @dataclass(frozen=True)
-class ClientConfig:
-    """How the client talks to the API. Defaults follow CloudZero's documented limits."""
+class ClientTuning:
+    """The client's fixed knobs, beside what the user configures (config.ApiSettings: base URL, rate,
+    request size, timeouts). Defaults follow CloudZero's documented limits."""
 
-    base_url: str = "https://api.cloudzero.com"
-    records_per_request: int = MAX_RECORDS_PER_REQUEST  # [seen] CloudZero's tools send 3,000
     max_body_bytes: int = MAX_BODY_BYTES  # [doc] 5 MB
-    records_per_second: float = float(RATE_RECORDS_PER_SECOND)  # [doc] per organisation; share it
-    burst: float | None = None  # None -> records_per_request, so a full request can pass
-    request_timeout: float = 30.0  # one attempt, end to end; a timeout after sending is in doubt
-    retry_deadline: float = 300.0  # failing attempts + backoff per request
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     user_agent: str = f"allocd/{__version__}"
     connect_timeout: float = 10.0  # establishing the connection; a connect timeout is a clean failure
-
-    def __post_init__(self) -> None:
-        url = URL(self.base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigError("base_url", f"must be an http:// or https:// URL, got {self.base_url!r}")
-        positive = {
-            "records_per_request": self.records_per_request,
-            "max_body_bytes": self.max_body_bytes,
-            "records_per_second": self.records_per_second,
-            "request_timeout": self.request_timeout,
-            "retry_deadline": self.retry_deadline,
-            "backoff_base": self.backoff_base,
-            "backoff_cap": self.backoff_cap,
-            "connect_timeout": self.connect_timeout,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise ConfigError(name, f"must be > 0, got {value!r}")
-        if self.burst is not None and not self.burst >= 1:
-            raise ConfigError("burst", f"must be >= 1 record, got {self.burst!r}")
-
-    @property
-    def effective_burst(self) -> float:
-        return float(self.records_per_request if self.burst is None else self.burst)
 
 
 @dataclass
@@ -151,23 +121,33 @@ class RequestOutcome:
         return not self.interrupted and not self.pending
 
 
-class ClientObserver:
-    """Hooks for metrics; the client calls them and knows nothing about Prometheus. All no-ops here."""
+class ClientObserver(Protocol):
+    """Hooks for metrics; the client calls them and knows nothing about Prometheus
+    (observability.Metrics and BeatingObserver implement them)."""
 
     def on_request(self, op: str, status: int | None, records: int, seconds: float) -> None:
         """One attempt finished: `status` is None when no HTTP status came back."""
+        return None
 
     def on_retry(self, op: str, reason: str) -> None:
         """An attempt is about to be retried; `reason` is a status ("429") or "timeout", "connect", ..."""
+        return None
 
     def on_in_doubt(self, op: str, records: int) -> None:
         """An attempt carrying `records` records may or may not have been applied."""
+        return None
 
     def on_rejected(self, op: str, records: int) -> None:
         """`records` records were refused for good (after bisection narrowed a 400/413 down to them)."""
+        return None
 
     def on_rate_wait(self, seconds: float) -> None:
         """The rate limiter held a request back for `seconds` (0 when it went at once)."""
+        return None
+
+
+class _NoObserver(ClientObserver):
+    """The default: every hook a no-op."""
 
 
 # --- packing -------------------------------------------------------------------------------------------
@@ -317,9 +297,10 @@ class CloudZeroClient:
 
     def __init__(
         self,
-        config: ClientConfig,
+        settings: ApiSettings,
         key: ApiKey,
         *,
+        tuning: ClientTuning = ClientTuning(),
         observer: ClientObserver | None = None,
         limiter: RateLimiter | None = None,
         session: aiohttp.ClientSession | None = None,
@@ -327,11 +308,12 @@ class CloudZeroClient:
         sleep: Sleep = asyncio.sleep,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.config = config
+        self.settings = settings
+        self.tuning = tuning
         self._key = key
-        self._observer = observer or ClientObserver()
+        self._observer = observer or _NoObserver()
         self._limiter = limiter or RateLimiter(
-            config.records_per_second, config.effective_burst, clock=clock, sleep=sleep
+            settings.records_per_second, settings.effective_burst, clock=clock, sleep=sleep
         )
         self._session = session
         self._owns_session = session is None
@@ -339,11 +321,11 @@ class CloudZeroClient:
         self._sleep = sleep
         self._clock = clock
         self._timeout = aiohttp.ClientTimeout(
-            total=config.request_timeout, connect=min(config.connect_timeout, config.request_timeout)
+            total=settings.request_timeout, connect=min(tuning.connect_timeout, settings.request_timeout)
         )
 
     def __repr__(self) -> str:
-        return f"CloudZeroClient(base_url={self.config.base_url!r}, key={self._key!r})"
+        return f"CloudZeroClient(base_url={self.settings.base_url!r}, key={self._key!r})"
 
     @property
     def limiter(self) -> RateLimiter:
@@ -368,10 +350,10 @@ class CloudZeroClient:
         return self._session
 
     def pack(self, records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        return pack(records, self.config.records_per_request, self.config.max_body_bytes)
+        return pack(records, self.settings.records_per_request, self.tuning.max_body_bytes)
 
     def url(self, stream: str, op: Op) -> str:
-        return f"{self.config.base_url.rstrip('/')}/unit-cost/v1/telemetry/allocation/{stream}/{op.value}"
+        return f"{self.settings.base_url.rstrip('/')}/unit-cost/v1/telemetry/allocation/{stream}/{op.value}"
 
     # --- public sending ---------------------------------------------------------------------------------
     async def send(
@@ -462,7 +444,7 @@ class CloudZeroClient:
             "Authorization": self._key.get(),  # the raw key, no "Bearer " [doc]
             "Content-Type": "application/json",
             "Accept": "application/json",
-            "User-Agent": self.config.user_agent,
+            "User-Agent": self.tuning.user_agent,
         }
         run.outcome.attempts += 1
         number = run.outcome.attempts
@@ -505,12 +487,12 @@ class CloudZeroClient:
 
     async def _back_off(self, run: _Run, attempt: _Attempt, retry: int, records: int) -> bool:
         """Wait before the next try. False if `stop` cut the wait; raises _DeadlinePassed if it would pass."""
-        ceiling = min(self.config.backoff_cap, self.config.backoff_base * 2.0 ** min(retry, 60))
+        ceiling = min(self.tuning.backoff_cap, self.tuning.backoff_base * 2.0 ** min(retry, 60))
         delay = self._rng.uniform(0.0, ceiling)  # full jitter
         if attempt.retry_after is not None:
             delay = max(delay, attempt.retry_after)
         spent = self._clock() - run.started - run.paced
-        if spent + delay > self.config.retry_deadline:
+        if spent + delay > self.settings.retry_deadline:
             raise _DeadlinePassed(attempt)
         self._notify("on_retry", run.op.value, attempt.reason)
         log.info(
@@ -542,7 +524,7 @@ class CloudZeroClient:
         return AuthError(text, attempt.status)
 
     def _deadline_error(self, run: _Run, attempt: _Attempt) -> TransientError:
-        text = f"retry deadline of {self.config.retry_deadline:g}s passed; last failure: {attempt.reason}"
+        text = f"retry deadline of {self.settings.retry_deadline:g}s passed; last failure: {attempt.reason}"
         if attempt.message:
             text += f" ({attempt.message})"
         log.warning("%s", text, extra=run.extra(status=attempt.status, attempt=run.outcome.attempts))

@@ -38,7 +38,6 @@ import hmac
 import logging
 import os
 import random
-import signal
 import sys
 import time
 from collections import deque
@@ -74,6 +73,7 @@ from allocd.cloudzero.records import (
     validate_stream_name,
 )
 from allocd.errors import ConfigError
+from allocd.shutdown import stop_on_signals
 from allocd.webserver import bound_port, start_app, write_port_file
 
 __all__ = [
@@ -88,7 +88,6 @@ __all__ = [
     "config_from_args",
     "create_app",
     "get_emulator",
-    "main",
     "run_command",
     "serve",
 ]
@@ -645,12 +644,9 @@ async def run_command(args: argparse.Namespace) -> int:
     """`allocd emulator`: serve until SIGTERM or SIGINT, then stop cleanly and return 0."""
     config = config_from_args(args)
     _setup_logging()
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:  # installed before the port is announced, so an early SIGTERM is handled too
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    # installed before the port is announced, so an early SIGTERM is handled too
+    with stop_on_signals(stop):
         runner = await serve(config, args.host, args.port)
         try:
             port = bound_port(runner)
@@ -668,25 +664,4 @@ async def run_command(args: argparse.Namespace) -> int:
             log.info("stopping")
         finally:
             await runner.cleanup()
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m allocd.cloudzero.emulator`: the same as `allocd emulator`."""
-    parser = argparse.ArgumentParser(
-        prog="allocd emulator", description="run the local CloudZero API emulator"
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return asyncio.run(run_command(args))
-    except ConfigError as exc:
-        print(f"allocd emulator: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

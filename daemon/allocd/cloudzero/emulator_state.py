@@ -8,12 +8,12 @@ Sums use Decimal arithmetic with enough precision to be exact.
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from decimal import Context, Decimal
+from signal import Signals
 from typing import Any
 
 import orjson
@@ -361,10 +361,10 @@ class Hook:
             raise ConfigError("pid", "a positive process id is required for action 'signal'")
         self.signum()  # validates the name
 
-    def signum(self) -> signal.Signals:
+    def signum(self) -> Signals:
         name = str(self.signal).upper()
         try:
-            return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+            return Signals[name if name.startswith("SIG") else f"SIG{name}"]
         except KeyError:
             raise ConfigError("signal", f"unknown signal {self.signal!r}") from None
 

@@ -4,18 +4,17 @@
 
 FILE is a JSON array of records, a `{"records": [...]}` object, or NDJSON (one record per line); `-` reads
 stdin. The key comes from `--key-file` or the `ALLOCD_API_KEY` environment variable. Prints one summary
-line; exits 0 when every record was delivered, 1 when anything was rejected, in doubt or left unsent, 2 on
-bad input. Warnings (rejections, doubt) go to stderr; `-v` logs every attempt. The first Ctrl-C stops
-starting new requests (the one in flight finishes) and prints the summary.
+line; exits 0 when every record was delivered, 1 when anything was rejected, in doubt or left unsent (or
+nothing could be delivered), 2 on bad input (nothing sent). Warnings (rejections, doubt) go to stderr; `-v`
+logs every attempt. The first Ctrl-C stops starting new requests (the one in flight finishes) and prints
+the summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +23,22 @@ from typing import Any
 import orjson
 
 from allocd.cloudzero.apikey import ApiKey
-from allocd.cloudzero.client import ClientConfig, CloudZeroClient, RequestOutcome
-from allocd.cloudzero.records import Op, RecordError
-from allocd.errors import ConfigError, DeliveryError
+from allocd.cloudzero.client import CloudZeroClient, RequestOutcome
+from allocd.cloudzero.records import Op
+from allocd.config import ApiSettings
+from allocd.errors import ConfigError
+from allocd.shutdown import stop_on_signals
 
 __all__ = ["KEY_ENV", "add_arguments", "load_records", "run_command", "summarize"]
 
 KEY_ENV = "ALLOCD_API_KEY"
+_OPTIONS = {
+    "base_url": "--base-url",
+    "records_per_request": "--records-per-request",
+    "records_per_second": "--rate",
+    "request_timeout": "--timeout",
+    "retry_deadline": "--deadline",
+}
 _SHOWN_INDEXES = 10  # rejected indexes listed per message; the rest are counted
 
 
@@ -38,12 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--stream", required=True, help="the allocation stream to write to")
     a("--op", required=True, choices=[op.value for op in Op], help="the API operation")
-    a("--base-url", default=ClientConfig.base_url, help=f"API base URL (default {ClientConfig.base_url})")
+    a("--base-url", default=ApiSettings.base_url, help=f"API base URL (default {ApiSettings.base_url})")
     a("--key-file", help=f"file holding the API key (default: the {KEY_ENV} environment variable)")
-    a("--rate", type=float, default=ClientConfig.records_per_second, help="records per second (default 100)")
-    a("--records-per-request", type=int, default=ClientConfig.records_per_request, help="default 3000")
-    a("--timeout", type=float, default=ClientConfig.request_timeout, help="seconds per attempt (default 30)")
-    a("--deadline", type=float, default=ClientConfig.retry_deadline, help="retry deadline per request (s)")
+    a("--rate", type=float, default=ApiSettings.records_per_second, help="records per second (default 100)")
+    a("--records-per-request", type=int, default=ApiSettings.records_per_request, help="default 3000")
+    a("--timeout", type=float, default=ApiSettings.request_timeout, help="seconds per attempt (default 30)")
+    a("--deadline", type=float, default=ApiSettings.retry_deadline, help="retry deadline per request (s)")
     a("-v", "--verbose", action="store_true", help="log every attempt and retry to stderr")
     a("file", metavar="FILE", help="JSON array, {'records': [...]} object, or NDJSON; '-' for stdin")
 
@@ -116,42 +124,21 @@ async def run_command(args: argparse.Namespace) -> int:
     records = load_records(_read_input(args.file))
     key = ApiKey.from_file(args.key_file) if args.key_file else ApiKey.from_env(KEY_ENV)
     key.get()  # a missing key is a usage error, reported before anything is sent
-    config = ClientConfig(
+    api = ApiSettings(
         base_url=args.base_url,
         records_per_request=args.records_per_request,
         records_per_second=args.rate,
         request_timeout=args.timeout,
         retry_deadline=args.deadline,
     )
+    try:
+        api.validate("")
+    except ConfigError as exc:  # named as the user wrote it: the option, not the config key
+        raise ConfigError(_OPTIONS.get(exc.key, exc.key), exc.problem) from None
     stop = asyncio.Event()
-    with _stop_on_interrupt(stop):
-        async with CloudZeroClient(config, key) as client:
-            try:
-                outcome = await client.send(args.stream, Op(args.op), records, stop)
-            except RecordError as exc:
-                print(f"allocd send: nothing sent: {exc}", file=sys.stderr)
-                return 2
-            except DeliveryError as exc:
-                print(f"allocd send: nothing delivered: {exc}", file=sys.stderr)
-                return 1
+    with stop_on_signals(stop):  # the request in flight finishes
+        async with CloudZeroClient(api, key) as client:
+            outcome = await client.send(args.stream, Op(args.op), records, stop)
     print(summarize(len(records), outcome))
     clean = outcome.settled and not outcome.rejected and not outcome.in_doubt
     return 0 if clean else 1
-
-
-@contextlib.contextmanager
-def _stop_on_interrupt(stop: asyncio.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM set `stop` (the request in flight finishes); without signal support, do nothing."""
-    loop = asyncio.get_running_loop()
-    installed = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            continue
-        installed.append(signum)
-    try:
-        yield
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)

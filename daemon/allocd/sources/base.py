@@ -1,13 +1,13 @@
-"""The one interface every source implements (Kafka, the sidecar's spool, NDJSON files)."""
+"""The one interface every source implements (Kafka, the sidecar's spool), and what they hand out."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from allocd.windows import TP
 
-__all__ = ["AssignmentListener", "Batch", "DeadLetters", "LostOwnership", "Message", "Record", "Source"]
+__all__ = ["AssignmentListener", "Batch", "LostOwnership", "Message", "Record", "Source"]
 
 
 class Record(Protocol):
@@ -88,11 +88,3 @@ class Source(Protocol):
         """Best-effort end offsets, for the lag metric only."""
 
     async def stop(self) -> None: ...
-
-
-class DeadLetters(Protocol):
-    async def events(self, items: list[tuple[Message, str, str]]) -> None:
-        """Store invalid events (message, reason, detail) durably; raise when that cannot be done."""
-
-    async def records(self, stream: str, items: list[tuple[dict[str, Any], str]]) -> None:
-        """Store API-refused records (record, API message) durably; raise when that cannot be done."""

@@ -25,19 +25,18 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import Counter, Gauge, Histogram
 
 from allocd.config import SidecarSettings
 from allocd.errors import InvalidEvent
 from allocd.events import Decoder
-from allocd.observability import Metrics
+from allocd.observability import Metrics, SidecarMetrics
 from allocd.sources.base import AssignmentListener, Batch, Message
-from allocd.sources.files import FileDeadLetters
-from allocd.sources.spool import FRAME_OVERHEAD, RecoveryReport, Spool, SpoolClosed, SpoolError, SpoolFull
+from allocd.sources.spool import FRAME_OVERHEAD, Spool, SpoolClosed, SpoolError, SpoolFull
+from allocd.stores.files import FileDeadLetters
 from allocd.webserver import bound_port, start_app
 from allocd.windows import TP
 
-__all__ = ["SPOOL_TP", "HttpSource", "SidecarMetrics", "split_events"]
+__all__ = ["SPOOL_TP", "HttpSource", "split_events"]
 
 log = logging.getLogger("allocd.http")
 
@@ -45,9 +44,6 @@ SPOOL_TP: TP = ("spool", 0)
 SECRET_HEADER = "X-Allocd-Secret"
 _RETRY_AFTER_FULL = "1"  # seconds; space frees as soon as a cycle completes and segments are deleted
 _RETRY_AFTER_CLOSING = "2"
-_STATUSES = ("202", "400", "401", "413", "503")
-_FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-_GROUP_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000)
 
 _WS = re.compile(r"[ \t\n\r]*")
 _JSON = json.JSONDecoder()
@@ -80,102 +76,36 @@ def split_events(body: bytes) -> list[bytes] | None:
     return None
 
 
+def _skip_ws(text: str, i: int) -> int:
+    """The index of the first non-whitespace character at or after `i` (`_WS` matches the empty string)."""
+    m = _WS.match(text, i)
+    assert m is not None
+    return m.end()
+
+
 def _array_elements(body: bytes) -> list[bytes] | None:
     # surrogateescape keeps invalid UTF-8 byte for byte: such an element is rejected alone, by the decoder.
     text = body.decode("utf-8", "surrogateescape")
     n = len(text)
-    i = _WS.match(text, 1).end()
+    i = _skip_ws(text, 1)
     out: list[bytes] = []
     if i < n and text[i] == "]":
-        return out if _WS.match(text, i + 1).end() == n else None
+        return out if _skip_ws(text, i + 1) == n else None
     while True:
         try:
             _, j = _JSON.raw_decode(text, i)
         except (ValueError, RecursionError):
             return None
         out.append(text[i:j].encode("utf-8", "surrogateescape"))
-        i = _WS.match(text, j).end()
+        i = _skip_ws(text, j)
         if i >= n:
             return None
         if text[i] == ",":
-            i = _WS.match(text, i + 1).end()
+            i = _skip_ws(text, i + 1)
         elif text[i] == "]":
-            return out if _WS.match(text, i + 1).end() == n else None
+            return out if _skip_ws(text, i + 1) == n else None
         else:
             return None
-
-
-# --- metrics --------------------------------------------------------------------------------------------
-class SidecarMetrics:
-    """The sidecar's own metrics, on the `Metrics` registry (so /metrics shows them with the rest)."""
-
-    def __init__(self, registry: Any) -> None:
-        self.ingest_requests = Counter(
-            "allocd_ingest_requests",
-            "POST /v1/events answers, by HTTP status.",
-            ["status"],
-            registry=registry,
-        )
-        self.ingest_events = Counter(
-            "allocd_ingest_events",
-            "Events in 202 answers: accepted (durably spooled) or rejected (dead-lettered).",
-            ["outcome"],
-            registry=registry,
-        )
-        self.spool_bytes = Gauge(
-            "allocd_spool_bytes",
-            "Bytes held by the spool (segments plus appends under way).",
-            registry=registry,
-        )
-        self.spool_capacity = Gauge(
-            "allocd_spool_capacity_bytes",
-            "sidecar.max_spool_bytes: beyond it POSTs get 503.",
-            registry=registry,
-        )
-        self.spool_segments = Gauge("allocd_spool_segments", "Segment files in the spool.", registry=registry)
-        self.spool_sync_seconds = Histogram(
-            "allocd_spool_sync_seconds",
-            "Time to write and fsync one group of appends (group commit).",
-            buckets=_FSYNC_BUCKETS,
-            registry=registry,
-        )
-        self.spool_group_records = Histogram(
-            "allocd_spool_group_records",
-            "Records made durable by one fsync (concurrent requests share it).",
-            buckets=_GROUP_BUCKETS,
-            registry=registry,
-        )
-        self.spool_corrupt_tails = Counter(
-            "allocd_spool_corrupt_tails",
-            "Spool segments found with a torn or corrupt tail at start-up (truncated; see the log).",
-            registry=registry,
-        )
-        self.spool_truncated_bytes = Counter(
-            "allocd_spool_truncated_bytes",
-            "Bytes cut off torn or corrupt spool tails at start-up.",
-            registry=registry,
-        )
-        for status in _STATUSES:
-            self.ingest_requests.labels(status)
-        for outcome in ("accepted", "rejected"):
-            self.ingest_events.labels(outcome)
-
-    def on_sync(self, seconds: float, records: int, _nbytes: int) -> None:
-        """The spool's group-commit observer."""
-        self.spool_sync_seconds.observe(seconds)
-        self.spool_group_records.observe(records)
-
-    def watch(self, spool: Spool) -> None:
-        """Read the spool's gauges at scrape time, and count what its recovery truncated."""
-        self.spool_bytes.set_function(lambda: spool.bytes_used)
-        self.spool_segments.set_function(lambda: spool.segment_count)
-        self.spool_capacity.set(spool.max_bytes)
-        self.recovered(spool.recovery)
-
-    def recovered(self, report: RecoveryReport) -> None:
-        for issue in report.issues:
-            self.spool_corrupt_tails.inc()
-            self.spool_truncated_bytes.inc(issue.dropped_bytes)
 
 
 # --- the source -----------------------------------------------------------------------------------------
@@ -330,7 +260,7 @@ class HttpSource:
                 await self.dlq.ingest_rejected(rejected, arrival_ms)
         except Exception as exc:  # the file's error, whatever it is: store nothing, let the caller retry
             self.spool.release(reserved)
-            self.metrics.dlq_write_errors.inc()
+            self.metrics.dlq_write_failed()
             log.error("dead-letter write failed; request refused", extra={"error": repr(exc)})
             return _answer(503, {"message": "dead-letter file unavailable"}, _RETRY_AFTER_FULL)
         if rejected:

@@ -419,10 +419,10 @@ class Spool:
         active = self._segments[-1] if self._segments else None
         if active is None or active.size >= self.segment_bytes:
             seg = _Segment(first_seq, self.dir / _segment_name(first_seq))
-            fd = await asyncio.to_thread(self._create_segment, seg.path)
+            new_fd = await asyncio.to_thread(self._create_segment, seg.path)
             if self._fd is not None:
                 os.close(self._fd)
-            self._fd = fd
+            self._fd = new_fd
             self._segments.append(seg)
             self._firsts.append(seg.first)
             active = seg

@@ -1,6 +1,6 @@
 """The sidecar's journal and dead letters: NDJSON files on local disk, each append fsynced.
 
-`FileJournalStore` implements journal.JournalStore; `FileDeadLetters` implements sources.base.DeadLetters
+`FileJournalStore` implements journal.JournalStore; `FileDeadLetters` implements stores.base.DeadLetters
 (plus `ingest_rejected` for events refused before they reach the spool). A crash mid-append can leave a
 torn last line: it is cut off when the file is opened (nothing after it was ever acknowledged).
 """
@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from allocd.journal import Entry, compaction_start, decode_entry, encode_entry
 from allocd.sources.base import Message
 from allocd.windows import TP
 
@@ -117,17 +118,17 @@ def _cut_torn_line(fd: int, path: Path, fsync: Callable[[int], None]) -> int:
     return keep
 
 
-def _lines(data: bytes, path: Path) -> list[dict[str, Any]]:
+def _lines(data: bytes, path: Path) -> list[Entry]:
     out = []
     for n, line in enumerate(data.split(b"\n")):
         if not line:
             continue
         try:
-            entry = orjson.loads(line)
+            entry = decode_entry(line)
         except orjson.JSONDecodeError:
             log.error("unreadable journal line skipped", extra={"file": str(path), "line": n + 1})
             continue
-        if isinstance(entry, dict):
+        if entry is not None:
             out.append(entry)
     return out
 
@@ -150,15 +151,15 @@ class FileJournalStore:
         self._file = _AppendFile(self.path, fsync)
         self._lock = asyncio.Lock()
 
-    async def append(self, entries: list[dict[str, Any]]) -> None:
+    async def append(self, entries: list[Entry]) -> None:
         if not entries:
             return
-        data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
-        checkpoint = any(e.get("t") == "ckpt" for e in entries)
+        data = b"".join(encode_entry(e) + b"\n" for e in entries)
+        checkpoint = any(e["t"] == "ckpt" for e in entries)
         async with self._lock:
             await asyncio.to_thread(self._append_sync, data, checkpoint)
 
-    async def read_all(self, claim: Iterable[TP] = ()) -> list[dict[str, Any]]:
+    async def read_all(self, claim: Iterable[TP] = ()) -> list[Entry]:
         async with self._lock:
             data = await asyncio.to_thread(self._file.read)
         return _lines(data, self.path)
@@ -176,16 +177,11 @@ class FileJournalStore:
 
     def _compact_sync(self) -> None:
         entries = _lines(self._file.read(), self.path)
-        latest: dict[tuple[str, int], int] = {}
-        for i, e in enumerate(entries):
-            if e.get("t") == "ckpt":
-                t, p = e["tp"]
-                latest[(t, int(p))] = i
-        if not latest:
+        start = compaction_start(entries)
+        if start is None:
             return
-        keep = entries[min(latest.values()) :]
         before = self._file.size
-        self._file.replace(b"".join(orjson.dumps(e) + b"\n" for e in keep))
+        self._file.replace(b"".join(encode_entry(e) + b"\n" for e in entries[start:]))
         self.compactions += 1
         log.info(
             "journal compacted",
