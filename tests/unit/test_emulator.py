@@ -39,6 +39,8 @@ from allocd.cloudzero.emulator import (
 from allocd.cloudzero.records import MAX_BODY_BYTES, MESSAGES, canonical_filter
 from allocd.errors import ConfigError
 
+from .fakes import FakeClock
+
 KEY = "test-key-4f1d9a"
 OTHER_KEY = "other-key-77c2e0"
 STREAM = "billing-stream"
@@ -48,14 +50,6 @@ HANG_TIMEOUT = 0.3  # how long a client waits on a request that is meant never t
 
 
 # --- harness -------------------------------------------------------------------------------------------
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class Reply:
     status: int
@@ -442,7 +436,7 @@ async def test_read_back_returns_live_cells_as_api_records(emu: Emu) -> None:
 
 # --- rate limit ----------------------------------------------------------------------------------------
 async def test_rate_limit_is_a_token_bucket_per_key_counted_in_records(make_emu: MakeEmu) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     emu = await make_emu(EmulatorConfig(keys=(KEY, OTHER_KEY), rate=10, burst=20), clock=clock)
     assert (await emu.write("sum", [rec(value=1)] * 15)).status == 200
     reply = await emu.write("sum", [rec(value=1)] * 10)  # 5 tokens left
@@ -459,7 +453,7 @@ async def test_rate_limit_is_a_token_bucket_per_key_counted_in_records(make_emu:
 
 
 async def test_rejected_requests_cost_no_tokens(make_emu: MakeEmu) -> None:
-    emu = await make_emu(EmulatorConfig(keys=(KEY,), rate=1, burst=2), clock=FakeClock())
+    emu = await make_emu(EmulatorConfig(keys=(KEY,), rate=1, burst=2), clock=FakeClock(1000.0))
     assert (await emu.write("sum", [rec(), rec(value=0)])).status == 400
     assert (await emu.write("sum", [rec(), rec()])).status == 200
 
@@ -485,7 +479,7 @@ async def test_injected_errors_with_and_without_retry_after(
 
 async def test_retry_after_also_comes_with_the_real_rate_limit(make_emu: MakeEmu) -> None:
     config = EmulatorConfig(keys=(KEY,), rate=1, burst=1, faults=Faults(retry_after=3))
-    emu = await make_emu(config, clock=FakeClock())
+    emu = await make_emu(config, clock=FakeClock(1000.0))
     reply = await emu.write("sum", [rec(), rec()])
     assert reply.status == 429
     assert reply.headers["Retry-After"] == "3"
@@ -634,7 +628,7 @@ async def test_admin_totals_and_request_log(emu: Emu) -> None:
 
 
 async def test_admin_reset_clears_data_log_faults_hooks_and_buckets(make_emu: MakeEmu) -> None:
-    emu = await make_emu(EmulatorConfig(keys=(KEY,), admin=True, rate=1, burst=1), clock=FakeClock())
+    emu = await make_emu(EmulatorConfig(keys=(KEY,), admin=True, rate=1, burst=1), clock=FakeClock(1000.0))
     await emu.write("sum", [rec()])
     await emu.admin("POST", "faults", {"error_429": 0.5})
     await emu.admin("POST", "hooks", {"after_request": 5, "action": "hang"})
