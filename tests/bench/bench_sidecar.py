@@ -26,32 +26,24 @@ import orjson
 
 from allocd.cloudzero.emulator import EmulatorConfig, bound_port, serve
 from allocd.sidecar import INGEST_PORT_SUFFIX
+from tests.configs import daemon_toml, stream_tables
 
 __all__ = ["main"]
 
-CONFIG = """
-[api]
-base_url = "{api_url}"
-api_key_file = "{key_file}"
-records_per_second = 100000
 
-[pipeline]
-shutdown_timeout_seconds = 30
-
-[server]
-host = "127.0.0.1"
-port = 0
-log_level = "WARNING"
-
-[sidecar]
-enabled = true
-host = "127.0.0.1"
-port = 0
-spool_dir = "{spool_dir}"
-
-[events.streams.billing-usage]
-dimensions = ["custom:feature"]
-"""
+def sidecar_toml(api_url: str, key_file: Path, spool_dir: Path) -> str:
+    """The sidecar's TOML: defaults (hourly windows) but for the API rate limit, a long shutdown and one
+    stream; nothing else declared, the daemon's default for undeclared streams."""
+    return daemon_toml(
+        api_url=api_url,
+        key_file=key_file,
+        records_per_second=100000,
+        shutdown_timeout=30,
+        log_level="WARNING",
+        sidecar={"spool_dir": spool_dir},
+        undeclared=None,
+        streams=stream_tables({"billing-usage": (None, ["custom:feature"])}),
+    )
 
 
 def bodies(n: int, size: int, seed: int) -> list[bytes]:
@@ -143,7 +135,7 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="allocd-bench-") as tmp:
         work = Path(tmp)
         (work / "key").write_text("bench-key")
-        config = CONFIG.format(
+        config = sidecar_toml(
             api_url=f"http://127.0.0.1:{bound_port(emulator)}",
             key_file=work / "key",
             spool_dir=work / "spool",

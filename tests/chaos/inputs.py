@@ -35,6 +35,9 @@ from hypothesis.internal.conjecture.data import ConjectureData
 
 from allocd.cloudzero.records import CanonicalFilter, canonical_filter
 
+from .. import configs
+from ..configs import Table
+
 __all__ = [
     "POISON_KINDS",
     "STREAMS",
@@ -97,14 +100,9 @@ class Item:
     amount: Decimal | None = None
 
 
-def stream_tables() -> str:
-    """The `[events.streams.*]` TOML tables declaring STREAMS."""
-    out = []
-    for name, (granularity, dims) in STREAMS.items():
-        out.append(
-            f'[events.streams."{name}"]\ngranularity = "{granularity}"\ndimensions = {json.dumps(dims)}\n'
-        )
-    return "\n".join(out)
+def stream_tables() -> dict[str, Table]:
+    """The `[events.streams.*]` tables declaring STREAMS (for tests/configs.py)."""
+    return configs.stream_tables(STREAMS)
 
 
 def _iso(ms: int) -> str:

@@ -19,6 +19,7 @@ import aiohttp
 from allocd.cloudzero.emulator import EmulatorConfig, get_emulator
 from allocd.embedded import EmbeddedBroker, create_topics
 
+from .. import configs
 from ..integration.harness import DaemonProcess
 from .emulator import RecordingEmulator, serve_recording
 from .inputs import stream_tables
@@ -43,45 +44,32 @@ def daemon_toml(
     shutdown_timeout: float,
     pipeline_extra: dict[str, Any],
 ) -> str:
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in pipeline_extra.items())
-    return f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-topics = ["{topic}"]
-group_id = "{group}"
-checkpoint_topic = "{group}-ckpt"
-dlq_topic = "{group}-dlq"
-client_id = "{CLIENT_PREFIX}{slot}"
-create_topics = false
-session_timeout_ms = 6000
-heartbeat_interval_ms = 1500
-rebalance_timeout_ms = 15000
-
-[api]
-base_url = "{api_url}"
-api_key_file = "{key_file}"
-records_per_request = 100
-records_per_second = 600
-request_timeout = 10
-retry_deadline = 30
-
-[pipeline]
-window_seconds = {window_seconds}
-grace_seconds = {grace_seconds}
-tick_seconds = 0.2
-shutdown_timeout_seconds = {shutdown_timeout}
-{extra}
-[server]
-host = "127.0.0.1"
-port = 0
-log_level = "INFO"
-assignment_grace_seconds = 0
-
-[events]
-undeclared = "reject"
-
-{stream_tables()}
-"""
+    """A soak daemon's TOML: its own Kafka client id (the Kafka proxy faults only these), topics made by the
+    stack, a slow API rate, and `pipeline_extra` (the slot's variant) added to `[pipeline]`."""
+    return configs.daemon_toml(
+        bootstrap=bootstrap,
+        topics=[topic],
+        group=group,
+        kafka={
+            "client_id": f"{CLIENT_PREFIX}{slot}",
+            "create_topics": False,
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 1500,
+            "rebalance_timeout_ms": 15000,
+        },
+        api_url=api_url,
+        key_file=key_file,
+        records_per_request=100,
+        records_per_second=600,
+        api={"request_timeout": 10, "retry_deadline": 30},
+        window_seconds=window_seconds,
+        grace_seconds=grace_seconds,
+        shutdown_timeout=shutdown_timeout,
+        pipeline={"tick_seconds": 0.2, **pipeline_extra},
+        log_level="INFO",
+        server={"assignment_grace_seconds": 0},
+        streams=stream_tables(),
+    )
 
 
 @dataclass(eq=False)

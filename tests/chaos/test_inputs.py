@@ -14,11 +14,13 @@ from allocd.errors import InvalidEvent
 from allocd.events import Decoder
 from allocd.windows import window_bounds
 
+from ..configs import render_toml
 from .inputs import POISON_KINDS, InputFactory, stream_tables
 
 
 def decoder() -> Decoder:
-    table = tomllib.loads('[events]\nundeclared = "reject"\n' + stream_tables())["events"]
+    events = {"events": {"undeclared": "reject", "streams": stream_tables()}}
+    table = tomllib.loads(render_toml(events))["events"]
     return Decoder(EventsSettings.from_dict(table, prefix="events"))
 
 

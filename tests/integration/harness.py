@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -23,6 +23,8 @@ import orjson
 
 from allocd.cloudzero.records import canonical_filter
 from allocd.embedded import EmbeddedBroker, Message, produce
+
+from ..configs import Table, daemon_toml, stream_tables
 
 if TYPE_CHECKING:
     from .conftest import EmulatorHandle
@@ -166,6 +168,11 @@ async def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def hourly_stream_tables() -> dict[str, Table]:
+    """STREAMS as `[events.streams.*]` tables, all HOURLY (the daemons' and sidecars' declared streams)."""
+    return stream_tables({name: ("HOURLY", dims) for name, dims in STREAMS.items()})
+
+
 def daemon_config(
     *,
     bootstrap: str,
@@ -187,59 +194,41 @@ def daemon_config(
     max_open_keys: int | None = None,
     liveness_timeout: float | None = None,
     connect_timeout: float | None = None,
-    extra: str = "",
+    extra: Mapping[str, Table] | None = None,
 ) -> str:
-    """A daemon's TOML. Optional settings left as None are not written (the daemon's defaults apply)."""
-    streams = "\n".join(
-        f'[events.streams.{name}]\ngranularity = "HOURLY"\ndimensions = {list(dims)!r}\n'.replace("'", '"')
-        for name, dims in STREAMS.items()
+    """A daemon's TOML. Optional settings left as None are not written (the daemon's defaults apply);
+    `extra` adds whole tables (see tests/configs.py)."""
+    return daemon_toml(
+        bootstrap=bootstrap,
+        topics=[topic],
+        group=group,
+        checkpoint_topic=checkpoint_topic,
+        dlq_topic=dlq_topic,
+        kafka={
+            "session_timeout_ms": session_timeout_ms,
+            "heartbeat_interval_ms": session_timeout_ms // 4,
+            "rebalance_timeout_ms": 10000,
+            "connect_timeout_seconds": connect_timeout,
+        },
+        api_url=api_url,
+        key_file=key_file,
+        records_per_request=records_per_request,
+        records_per_second=records_per_second,
+        api={"request_timeout": 5, "retry_deadline": retry_deadline},
+        window_seconds=window_seconds,
+        grace_seconds=grace_seconds,
+        shutdown_timeout=shutdown_timeout,
+        pipeline={
+            "tick_seconds": 0.1,
+            "flush_on_shutdown": flush_on_shutdown,
+            "max_pending_snapshots": max_pending_snapshots,
+            "max_open_keys": max_open_keys,
+        },
+        log_level="INFO",
+        server={"assignment_grace_seconds": 0, "liveness_timeout_seconds": liveness_timeout},
+        extra=extra,
+        streams=hourly_stream_tables(),
     )
-    pipeline = _optional(max_pending_snapshots=max_pending_snapshots, max_open_keys=max_open_keys)
-    server = _optional(liveness_timeout_seconds=liveness_timeout)
-    kafka = _optional(connect_timeout_seconds=connect_timeout)
-    return f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-topics = ["{topic}"]
-group_id = "{group}"
-checkpoint_topic = "{checkpoint_topic}"
-dlq_topic = "{dlq_topic}"
-session_timeout_ms = {session_timeout_ms}
-heartbeat_interval_ms = {session_timeout_ms // 4}
-rebalance_timeout_ms = 10000
-{kafka}
-[api]
-base_url = "{api_url}"
-api_key_file = "{key_file}"
-records_per_request = {records_per_request}
-records_per_second = {records_per_second}
-request_timeout = 5
-retry_deadline = {retry_deadline}
-
-[pipeline]
-window_seconds = {window_seconds}
-grace_seconds = {grace_seconds}
-tick_seconds = 0.1
-flush_on_shutdown = {str(flush_on_shutdown).lower()}
-shutdown_timeout_seconds = {shutdown_timeout}
-{pipeline}
-
-[server]
-host = "127.0.0.1"
-port = 0
-log_level = "INFO"
-assignment_grace_seconds = 0
-{server}
-{extra}
-[events]
-undeclared = "reject"
-
-{streams}
-"""
-
-
-def _optional(**settings: float | None) -> str:
-    return "".join(f"{k} = {v}\n" for k, v in settings.items() if v is not None)
 
 
 class DaemonProcess:

@@ -28,6 +28,7 @@ import pytest
 from allocd.cloudzero.records import canonical_filter
 from allocd.sidecar import DEAD_LETTERS_FILE, INGEST_PORT_SUFFIX, JOURNAL_FILE
 
+from ..configs import daemon_toml
 from .conftest import EmulatorHandle
 from .harness import (
     STREAMS,
@@ -35,6 +36,7 @@ from .harness import (
     TruthKey,
     emulator_requests,
     emulator_totals,
+    hourly_stream_tables,
     metric_value,
     records_applied,
     totals_become,
@@ -59,42 +61,20 @@ def sidecar_config(
     max_spool_bytes: int = 64 * 1024 * 1024,
     shutdown_timeout: float = 10,
 ) -> str:
-    streams = "\n".join(
-        f'[events.streams.{name}]\ngranularity = "HOURLY"\ndimensions = {list(dims)!r}\n'.replace("'", '"')
-        for name, dims in STREAMS.items()
+    return daemon_toml(
+        api_url=api_url,
+        key_file=key_file,
+        records_per_request=records_per_request,
+        records_per_second=100000,
+        api={"request_timeout": 5, "retry_deadline": 20},
+        window_seconds=window_seconds,
+        grace_seconds=grace_seconds,
+        shutdown_timeout=shutdown_timeout,
+        pipeline={"tick_seconds": 0.1},
+        server={"assignment_grace_seconds": 0},
+        sidecar={"spool_dir": spool_dir, "max_spool_bytes": max_spool_bytes},
+        streams=hourly_stream_tables(),
     )
-    return f"""
-[api]
-base_url = "{api_url}"
-api_key_file = "{key_file}"
-records_per_request = {records_per_request}
-records_per_second = 100000
-request_timeout = 5
-retry_deadline = 20
-
-[pipeline]
-window_seconds = {window_seconds}
-grace_seconds = {grace_seconds}
-tick_seconds = 0.1
-shutdown_timeout_seconds = {shutdown_timeout}
-
-[server]
-host = "127.0.0.1"
-port = 0
-assignment_grace_seconds = 0
-
-[sidecar]
-enabled = true
-host = "127.0.0.1"
-port = 0
-spool_dir = "{spool_dir}"
-max_spool_bytes = {max_spool_bytes}
-
-[events]
-undeclared = "reject"
-
-{streams}
-"""
 
 
 class SidecarProcess(DaemonProcess):

@@ -8,7 +8,11 @@ __all__ = ["FakeClock"]
 
 
 class FakeClock:
-    """A clock that only moves when someone sleeps on it; `sleeps` records every wait."""
+    """A clock that moves only when a test sets `now` (or adds to it) or someone sleeps on it.
+
+    Call it for the time; `await clock.sleep(s)` records `s` in `sleeps` and moves `now` by it. It stands in
+    for wall clocks and monotonic clocks alike: `now` starts wherever the test says (0.0 by default).
+    """
 
     def __init__(self, now: float = 0.0) -> None:
         self.now = now

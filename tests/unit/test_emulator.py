@@ -38,6 +38,17 @@ from allocd.cloudzero.emulator import (
 )
 from allocd.cloudzero.records import MAX_BODY_BYTES, MESSAGES, canonical_filter
 from allocd.errors import ConfigError
+from tests.golden import (
+    DELETE_EXAMPLE,
+    EXAMPLE_ELEMENT,
+    EXAMPLE_FILTER,
+    EXAMPLE_STREAM,
+    EXAMPLE_TIMESTAMP,
+    REPLACE_EXAMPLE,
+    SUM_EXAMPLE,
+)
+
+from .fakes import FakeClock
 
 KEY = "test-key-4f1d9a"
 OTHER_KEY = "other-key-77c2e0"
@@ -48,14 +59,6 @@ HANG_TIMEOUT = 0.3  # how long a client waits on a request that is meant never t
 
 
 # --- harness -------------------------------------------------------------------------------------------
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class Reply:
     status: int
@@ -442,7 +445,7 @@ async def test_read_back_returns_live_cells_as_api_records(emu: Emu) -> None:
 
 # --- rate limit ----------------------------------------------------------------------------------------
 async def test_rate_limit_is_a_token_bucket_per_key_counted_in_records(make_emu: MakeEmu) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     emu = await make_emu(EmulatorConfig(keys=(KEY, OTHER_KEY), rate=10, burst=20), clock=clock)
     assert (await emu.write("sum", [rec(value=1)] * 15)).status == 200
     reply = await emu.write("sum", [rec(value=1)] * 10)  # 5 tokens left
@@ -459,7 +462,7 @@ async def test_rate_limit_is_a_token_bucket_per_key_counted_in_records(make_emu:
 
 
 async def test_rejected_requests_cost_no_tokens(make_emu: MakeEmu) -> None:
-    emu = await make_emu(EmulatorConfig(keys=(KEY,), rate=1, burst=2), clock=FakeClock())
+    emu = await make_emu(EmulatorConfig(keys=(KEY,), rate=1, burst=2), clock=FakeClock(1000.0))
     assert (await emu.write("sum", [rec(), rec(value=0)])).status == 400
     assert (await emu.write("sum", [rec(), rec()])).status == 200
 
@@ -485,7 +488,7 @@ async def test_injected_errors_with_and_without_retry_after(
 
 async def test_retry_after_also_comes_with_the_real_rate_limit(make_emu: MakeEmu) -> None:
     config = EmulatorConfig(keys=(KEY,), rate=1, burst=1, faults=Faults(retry_after=3))
-    emu = await make_emu(config, clock=FakeClock())
+    emu = await make_emu(config, clock=FakeClock(1000.0))
     reply = await emu.write("sum", [rec(), rec()])
     assert reply.status == 429
     assert reply.headers["Retry-After"] == "3"
@@ -634,7 +637,7 @@ async def test_admin_totals_and_request_log(emu: Emu) -> None:
 
 
 async def test_admin_reset_clears_data_log_faults_hooks_and_buckets(make_emu: MakeEmu) -> None:
-    emu = await make_emu(EmulatorConfig(keys=(KEY,), admin=True, rate=1, burst=1), clock=FakeClock())
+    emu = await make_emu(EmulatorConfig(keys=(KEY,), admin=True, rate=1, burst=1), clock=FakeClock(1000.0))
     await emu.write("sum", [rec()])
     await emu.admin("POST", "faults", {"error_429": 0.5})
     await emu.admin("POST", "hooks", {"after_request": 5, "action": "hang"})
@@ -761,110 +764,32 @@ async def test_cli_serves_until_sigterm_and_exits_0(tmp_path: Path) -> None:
             await proc.wait()
 
 
-# --- golden: CloudZero's own examples (shared/reference/allocation-telemetry-api.md), byte for byte -------
-GOLDEN_SUM = (
-    "{\n"
-    '  "records": [\n'
-    "    {\n"
-    '    \t"timestamp": "2020-01-25T00:00:00Z",\n'
-    '    \t"granularity": "DAILY",\n'
-    '    \t"filter": {\n'
-    '      \t"custom:feature": [\n'
-    '        \t"billing"\n'
-    "      \t],\n"
-    '      \t"tag:environment": [\n'
-    '          "prod"\n'
-    "        ],\n"
-    '        "tag:owner": [\n'
-    '          "frank",\n'
-    '          "sandy"\n'
-    "        ]\n"
-    "    \t},\n"
-    '    \t"element_name": "<HOOLI-CUSTOMER-ID>",\n'
-    '    \t"value": "250000000"\n'
-    "    }\n"
-    "  ]\n"
-    "}\n"
-)
-
-GOLDEN_REPLACE = (
-    "{\n"
-    '  "records": [\n'
-    "    {\n"
-    '    \t"timestamp": "2020-01-25T00:00:00Z",\n'
-    '    \t"granularity": "DAILY",\n'
-    '    \t"filter": {\n'
-    '      \t"custom:feature": [\n'
-    '        \t"billing"\n'
-    "      \t],\n"
-    '      \t"tag:environment": [\n'
-    '          "prod"\n'
-    "        ],\n"
-    '        "tag:owner": [\n'
-    '          "frank",\n'
-    '          "sandy"\n'
-    "        ]\n"
-    "    \t},\n"
-    '    \t"element_name": "<HOOLI-CUSTOMER-ID>",\n'
-    '    \t"value": "150000000"\n'
-    "    }\n"
-    "  ]\n"
-    "}\n"
-)
-
-GOLDEN_DELETE = (
-    "{\n"
-    '  "records": [\n'
-    "    {\n"
-    '    \t"timestamp": "2020-01-25T00:00:00Z",\n'
-    '    \t"granularity": "DAILY",\n'
-    '    \t"filter": {\n'
-    '      \t"custom:feature": [\n'
-    '        \t"billing"\n'
-    "      \t],\n"
-    '      \t"tag:environment": [\n'
-    '          "prod"\n'
-    "        ],\n"
-    '        "tag:owner": [\n'
-    '          "frank",\n'
-    '          "sandy"\n'
-    "        ]\n"
-    "    \t},\n"
-    '    \t"element_name": "<HOOLI-CUSTOMER-ID>"\n'
-    "    }\n"
-    "  ]\n"
-    "}\n"
-)
-
-GOLDEN_CELL = cell(
-    "2020-01-25T00:00:00Z",
-    "<HOOLI-CUSTOMER-ID>",
-    {"custom:feature": ["billing"], "tag:environment": ["prod"], "tag:owner": ["frank", "sandy"]},
-)
+# --- golden: CloudZero's own examples (tests/golden.py, from shared/reference/), byte for byte -----------
+GOLDEN_CELL = cell(EXAMPLE_TIMESTAMP, EXAMPLE_ELEMENT, EXAMPLE_FILTER)
 
 
 async def _golden(emu: Emu, op: str, body: str) -> Reply:
-    path = f"{API}/allocation/my-allocation-stream/{op}"
+    path = f"{API}/allocation/{EXAMPLE_STREAM}/{op}"
     return await emu.request("POST", path, data=body.encode(), key=KEY)
 
 
 async def test_golden_sum_example_is_accepted_and_reads_back(emu: Emu) -> None:
-    reply = await _golden(emu, "sum", GOLDEN_SUM)
+    reply = await _golden(emu, "sum", SUM_EXAMPLE)
     assert (reply.status, reply.body) == (200, {"message": "Telemetry accepted"})
-    assert emu.totals("my-allocation-stream") == {GOLDEN_CELL: Decimal(250000000)}
-    read = await emu.request("GET", f"{API}/my-allocation-stream/records")
+    assert emu.totals(EXAMPLE_STREAM) == {GOLDEN_CELL: Decimal(250000000)}
+    read = await emu.request("GET", f"{API}/{EXAMPLE_STREAM}/records")
     assert read.body["records"][0]["value"] == "250000000"
 
 
 async def test_golden_replace_example_sets_the_value(emu: Emu) -> None:
-    assert (await _golden(emu, "sum", GOLDEN_SUM)).status == 200
-    assert (await _golden(emu, "replace", GOLDEN_REPLACE)).status == 200
-    assert emu.totals("my-allocation-stream") == {GOLDEN_CELL: Decimal(150000000)}
+    assert (await _golden(emu, "sum", SUM_EXAMPLE)).status == 200
+    assert (await _golden(emu, "replace", REPLACE_EXAMPLE)).status == 200
+    assert emu.totals(EXAMPLE_STREAM) == {GOLDEN_CELL: Decimal(150000000)}
 
 
 async def test_golden_delete_example_hides_the_record(emu: Emu) -> None:
-    assert (await _golden(emu, "sum", GOLDEN_SUM)).status == 200
-    assert (await _golden(emu, "delete", GOLDEN_DELETE)).status == 201
-    assert emu.totals("my-allocation-stream") == {}
-    read = await emu.request("GET", f"{API}/my-allocation-stream/records")
+    assert (await _golden(emu, "sum", SUM_EXAMPLE)).status == 200
+    assert (await _golden(emu, "delete", DELETE_EXAMPLE)).status == 201
+    assert emu.totals(EXAMPLE_STREAM) == {}
+    read = await emu.request("GET", f"{API}/{EXAMPLE_STREAM}/records")
     assert read.body == {"records": []}

@@ -23,6 +23,8 @@ from allocd.observability import (
 )
 from allocd.webserver import bound_port, make_app, start_http_server
 
+from .fakes import FakeClock
+
 # 2024-05-01T00:00:00Z
 MIDNIGHT = 1_714_521_600.0
 
@@ -79,14 +81,6 @@ NON_BASE_UNITS = {
     "sec",
 }
 BASE_UNITS = {"seconds", "bytes"}
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def types_and_helps(text: str) -> tuple[dict[str, str], dict[str, str]]:

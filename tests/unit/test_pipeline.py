@@ -33,6 +33,8 @@ from allocd.sources.base import AssignmentListener, Batch, Message
 from allocd.stores.memory import MemoryJournalStore
 from allocd.windows import CELL_BYTES_ESTIMATE, TP
 
+from .fakes import FakeClock
+
 pytestmark = pytest.mark.timeout(10)
 
 T0 = 1_700_002_800.0  # 2023-11-14T23:00:00Z, an hour boundary
@@ -58,21 +60,13 @@ def stamp(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 # --- fakes -----------------------------------------------------------------------------------------------
 class FakeSource:
     """A log per partition; fetch hands out everything from the read position (nothing while paused)."""
 
     name = "fake"
 
-    def __init__(self, clock: Clock, tps: tuple[TP, ...] = (P0,)) -> None:
+    def __init__(self, clock: FakeClock, tps: tuple[TP, ...] = (P0,)) -> None:
         self.clock = clock
         self.tps = list(tps)
         self.log: dict[TP, list[Message]] = {tp: [] for tp in tps}
@@ -232,8 +226,8 @@ class Rig:
     dlq: FakeDeadLetters
     metrics: Metrics
     health: Health
-    clock: Clock
-    mono: Clock
+    clock: FakeClock
+    mono: FakeClock
     reloads: list[int]
     violations: list[str] = field(default_factory=list)
     expected: dict[tuple[str, str, str], Decimal] = field(default_factory=dict)
@@ -264,7 +258,7 @@ class Rig:
 
 
 def make_rig(tps: tuple[TP, ...] = (P0,), per_request: int = 1000, **settings: Any) -> Rig:
-    clock, mono = Clock(w(0, 0.5)), Clock(1000.0)
+    clock, mono = FakeClock(w(0, 0.5)), FakeClock(1000.0)
     base = PipelineSettings(
         window_seconds=WINDOW,
         grace_seconds=GRACE,

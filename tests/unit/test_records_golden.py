@@ -1,8 +1,8 @@
 """Golden tests: the record rules against the examples on CloudZero's own page.
 
 The client and the emulator share records.py, so a wrong rule would pass both; these examples come from
-docs.cloudzero.com/reference/allocation-telemetry-api-1 (kept in shared/reference/), copied here byte for byte
-in their JSON content, and must be accepted exactly as given.
+docs.cloudzero.com/reference/allocation-telemetry-api-1 (kept in shared/reference/), held once in
+tests/golden.py byte for byte, and must be accepted exactly as given.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -27,63 +26,17 @@ from allocd.cloudzero.records import (
     validate_filter,
     validate_stream_name,
 )
-
-# The three examples from "# Examples" on the page, verbatim but for the page's tabs (JSON whitespace).
-SUM_EXAMPLE = """{
-  "records": [
-    {
-        "timestamp": "2020-01-25T00:00:00Z",
-        "granularity": "DAILY",
-        "filter": {
-          "custom:feature": [
-            "billing"
-          ],
-          "tag:environment": [
-          "prod"
-        ],
-        "tag:owner": [
-          "frank",
-          "sandy"
-        ]
-        },
-        "element_name": "<HOOLI-CUSTOMER-ID>",
-        "value": "250000000"
-    }
-  ]
-}"""
-
-REPLACE_EXAMPLE = SUM_EXAMPLE.replace('"250000000"', '"150000000"')
-
-DELETE_EXAMPLE = """{
-  "records": [
-    {
-        "timestamp": "2020-01-25T00:00:00Z",
-        "granularity": "DAILY",
-        "filter": {
-          "custom:feature": [
-            "billing"
-          ],
-          "tag:environment": [
-          "prod"
-        ],
-        "tag:owner": [
-          "frank",
-          "sandy"
-        ]
-        },
-        "element_name": "<HOOLI-CUSTOMER-ID>"
-    }
-  ]
-}"""
-
-# From "# Limits": `{ "account": ["1", "2"], "service": ["A"] }`.
-LIMITS_FILTER = {"account": ["1", "2"], "service": ["A"]}
-
-EXAMPLE_STREAM = "my-allocation-stream"
-HOOLI_FILTER = canonical_filter(
-    {"custom:feature": ["billing"], "tag:environment": ["prod"], "tag:owner": ["frank", "sandy"]}
+from tests.golden import (
+    DELETE_EXAMPLE,
+    EXAMPLE_FILTER,
+    EXAMPLE_STREAM,
+    LIMITS_FILTER,
+    REFERENCE,
+    REPLACE_EXAMPLE,
+    SUM_EXAMPLE,
 )
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "allocation-telemetry-api.md"
+
+HOOLI_FILTER = canonical_filter(EXAMPLE_FILTER)
 
 
 def only_record(body: str) -> dict:
@@ -93,7 +46,7 @@ def only_record(body: str) -> dict:
 
 
 def test_the_copies_match_the_reference_page() -> None:
-    """When the stored page is at hand (it is outside the repository), the copies above are its examples."""
+    """When the stored page is at hand (it is outside the repository), tests/golden.py holds its examples."""
     if not REFERENCE.is_file():
         pytest.skip(f"{REFERENCE} is not available")
     blocks = re.findall(r"```json JSON\n(.*?)```", REFERENCE.read_text(), flags=re.S)
