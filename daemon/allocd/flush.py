@@ -19,21 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from allocd.cloudzero.client import CloudZeroClient
-from allocd.cloudzero.records import (
-    CanonicalFilter,
-    Granularity,
-    Op,
-    filter_from_canonical,
-    format_value,
-    needs_rounding,
-)
+from allocd.cloudzero.records import CanonicalFilter, Granularity, Op, Record, needs_rounding
 from allocd.errors import AuthError, TransientError
 from allocd.journal import Journal, PartitionState, cell_digest
 from allocd.observability import HealthSignals, PipelineMetrics
@@ -83,15 +77,11 @@ class Request:
 
 
 def to_record(
-    start_ms: int, granularity: Granularity, element: str, flt: CanonicalFilter, value: Any
+    start_ms: int, granularity: Granularity, element: str, flt: CanonicalFilter, value: int | Decimal
 ) -> dict[str, Any]:
-    """A cell as the API's record (the shape records.parse_record accepts)."""
-    ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start_ms // 1000))
-    record: dict[str, Any] = {"timestamp": ts, "granularity": granularity.value, "element_name": element}
-    if flt:
-        record["filter"] = filter_from_canonical(flt)
-    record["value"] = format_value(value)
-    return record
+    """A cell as the API's record, by the record rules' own encoder."""
+    ts = datetime.fromtimestamp(start_ms // 1000, UTC)
+    return Record(ts, granularity, element, flt, value).to_json()
 
 
 class FlushCycle:

@@ -54,7 +54,6 @@ class Pipeline:
         self.s = settings
         self.source = source
         self.decoder = decoder
-        self.client = client
         self.journal = journal
         self.dlq = dead_letters
         self.metrics = metrics

@@ -202,6 +202,18 @@ def _raw_fields(raw: bytes) -> dict[str, str]:
         return {"raw_base64": base64.b64encode(raw).decode()}
 
 
+def _event_line(now: str, reason: str, detail: str, raw: bytes, **where: Any) -> dict[str, Any]:
+    """A dead-lettered event: why, where it came from (`where`), and the raw event itself."""
+    return {
+        "time": now,
+        "kind": "event",
+        "reason": reason,
+        "detail": detail[:_DETAIL_CHARS],
+        **where,
+        **_raw_fields(raw),
+    }
+
+
 class FileDeadLetters:
     """Dead letters as NDJSON lines (`kind`, `reason`, `detail`, `time`, the raw event or refused record),
     appended and fsynced before each call returns. Shared by the ingest and the pipeline."""
@@ -222,17 +234,16 @@ class FileDeadLetters:
         """Events the pipeline refused; the spool position lets a replayed rejection be recognised."""
         now = _now_text(self._clock)
         await self._write(
-            {
-                "time": now,
-                "kind": "event",
-                "reason": reason,
-                "detail": detail[:_DETAIL_CHARS],
-                "source": msg.tp[0],
-                "partition": msg.tp[1],
-                "position": msg.offset,
-                "arrival_ms": msg.timestamp,
-                **_raw_fields(msg.value),
-            }
+            _event_line(
+                now,
+                reason,
+                detail,
+                msg.value,
+                source=msg.tp[0],
+                partition=msg.tp[1],
+                position=msg.offset,
+                arrival_ms=msg.timestamp,
+            )
             for msg, reason, detail in items
         )
 
@@ -254,16 +265,7 @@ class FileDeadLetters:
         """Events refused at ingest (never spooled): (index in the request, raw, reason, detail)."""
         now = _now_text(self._clock)
         await self._write(
-            {
-                "time": now,
-                "kind": "event",
-                "reason": reason,
-                "detail": detail[:_DETAIL_CHARS],
-                "source": "http",
-                "index": index,
-                "arrival_ms": arrival_ms,
-                **_raw_fields(raw),
-            }
+            _event_line(now, reason, detail, raw, source="http", index=index, arrival_ms=arrival_ms)
             for index, raw, reason, detail in items
         )
 
