@@ -133,6 +133,7 @@ class PipelineSettings:
     flush_on_shutdown: bool | None = None  # deliver open windows on SIGTERM; unset: only the sidecar does
     shutdown_timeout_seconds: float = 30.0
     tick_seconds: float = 0.5  # how often windows are checked for closing when no events arrive
+    checkpoint_interval_seconds: float = 600.0  # checkpoint owned partitions at least this often, idle too
     window_seconds: int = 0  # TEST ONLY: override every stream's window size (0 = its granularity)
 
     def flushes_on_shutdown(self, sidecar: bool) -> bool:
@@ -141,7 +142,7 @@ class PipelineSettings:
 
     def validate(self, prefix: str) -> None:
         _positive(self, prefix, "max_flush_interval_seconds", "max_open_keys", "shutdown_timeout_seconds")
-        _positive(self, prefix, "tick_seconds", "max_memory_bytes")
+        _positive(self, prefix, "tick_seconds", "max_memory_bytes", "checkpoint_interval_seconds")
         if self.grace_seconds < 0:
             raise ConfigError(f"{prefix}grace_seconds", "must be >= 0")
         if self.max_pending_snapshots < 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -97,8 +98,12 @@ class FlushCycle:
         metrics: PipelineMetrics,
         health: HealthSignals,
         reload_key: Callable[[], bool],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.host = host
+        self.clock = clock
+        self.checkpointed_at = clock()  # when this process last checkpointed its partitions
+        self.committed: dict[TP, int] = {}  # what this process last committed to the group (or recovered)
         self.journal = journal
         self.client = client
         self.dlq = dead_letters
@@ -126,23 +131,47 @@ class FlushCycle:
                     state = host.parts.get(tp)
                     if state is not None and state.marks.get(wk, -1) < boundary:
                         state.marks[wk] = boundary
-            positions = host.positions()
-            for tp, pos in positions.items():
-                host.parts[tp].prune(pos)
-            states = {tp: s.copy() for tp, s in host.parts.items()}
+            states, positions = self._owned()
+        # Steps 4 and 5
+        await self._checkpoint(states, positions, commit=True)
+        return "completed"
+
+    async def checkpoint(self) -> None:
+        """Steps 4 and 5 alone, between cycles: the positions and marks as they stand. The group commit
+        follows only where a position moved (events skipped or dead-lettered since the last commit)."""
+        async with self.host.lock:
+            if self.host.abandoning or not self.host.parts:
+                return
+            states, positions = self._owned()
+        moved = any(self.committed.get(tp) != pos for tp, pos in positions.items())
+        await self._checkpoint(states, positions, commit=moved)
+
+    def _owned(self) -> tuple[dict[TP, PartitionState], dict[TP, int]]:
+        """Under the host's lock: every owned partition's state at its committable position."""
+        positions = self.host.positions()
+        for tp, pos in positions.items():
+            self.host.parts[tp].prune(pos)
+        return {tp: s.copy() for tp, s in self.host.parts.items()}, positions
+
+    async def _checkpoint(
+        self, states: dict[TP, PartitionState], positions: dict[TP, int], *, commit: bool
+    ) -> None:
         # Step 4 (only partitions still ours: a stale owner must not write over the new owner's checkpoint)
         if not await self.journaled(lambda: self.journal.still_owner(list(states))):
             self.metrics.fenced()
             raise Abandoned
         await self.journaled(lambda: self.journal.checkpoint(states))
+        self.checkpointed_at = self.clock()
+        if not commit:
+            return
         # Step 5
         try:
             await self.source.commit(positions)
+            self.committed = dict(positions)
             self.metrics.committed(positions)
         except LostOwnership as exc:
             log.warning("group commit failed: partitions lost; stopping delivery", extra={"error": str(exc)})
-            host.stop_sending.set()
-        return "completed"
+            self.host.stop_sending.set()
 
     def requests(self, snap: Snapshot) -> list[Request]:
         """The snapshot's cells as API records, per stream, packed into requests."""
@@ -202,7 +231,9 @@ class FlushCycle:
                 await self.dead_letter(partial(self.dlq.records, req.stream, refused), "record", len(refused))
                 log.error("the API refused records; they are in the DLQ", extra={"stream": req.stream})
             settled = [req.cells[i] for i in delivered] + [req.cells[i] for i, _ in rejected]
-            if settled:
+            if len(settled) == len(req.cells):  # the whole request in one answer: no need to name its cells
+                await self.journaled(partial(self.journal.request_settled_whole, cid, n))
+            elif settled:
                 await self.journaled(partial(self.journal.request_settled, cid, n, settled))
             remaining = [remaining[i] for i in out.pending]
             if remaining and out.error is not None:

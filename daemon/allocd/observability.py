@@ -59,6 +59,7 @@ _MIN_RATE_SPAN = 60.0  # never project a day from less than a minute of sending
 
 _FLUSH_SECONDS_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 _FLUSH_RECORDS_BUCKETS = (1, 10, 100, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000)
+_RECOVERY_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _REQUEST_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -79,6 +80,8 @@ class PipelineMetrics(Protocol):
     def dlq_write_failed(self) -> None: ...
     def in_doubt_recovered(self, requests: int, cells: int) -> None: ...
     def fenced(self) -> None: ...
+    def recovered(self, seconds: float) -> None: ...
+    def journal_corrupt(self, entries: int) -> None: ...
     def rounded(self, cells: int) -> None: ...
     def committed(self, positions: dict[tuple[str, int], int]) -> None: ...
     def set_accumulator(self, open_cells: int, open_windows: int, bytes_estimate: int) -> None: ...
@@ -218,6 +221,16 @@ class Metrics:
         for trigger in FLUSH_TRIGGERS:
             for outcome in FLUSH_OUTCOMES:
                 self.flush_cycles.labels(trigger, outcome)
+        self.recovery_seconds = Histogram(
+            "allocd_recovery_seconds",
+            "Time an assignment spent reading the journal and recovering its partitions.",
+            buckets=_RECOVERY_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.journal_corrupt_entries = self._counter(
+            "allocd_journal_corrupt_entries",
+            "Journal entries whose checksum or form was wrong when read: skipped, never applied.",
+        )
 
     def _declare_api(self) -> None:
         c, g = self._counter, self._gauge
@@ -378,6 +391,12 @@ class Metrics:
 
     def fenced(self) -> None:
         self.fenced_requests.inc()
+
+    def recovered(self, seconds: float) -> None:
+        self.recovery_seconds.observe(seconds)
+
+    def journal_corrupt(self, entries: int) -> None:
+        self.journal_corrupt_entries.inc(entries)
 
     def rounded(self, cells: int) -> None:
         self.rounded_cells.inc(cells)

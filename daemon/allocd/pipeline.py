@@ -74,8 +74,17 @@ class Pipeline:
         self.stopping = False
         self._deliver_task: asyncio.Task[None] | None = None
         self.assignment = 0  # counts assignments; _poll_once drops a batch fetched across one
+        self.recheckpoint = False  # set by an assignment: checkpoint what was recovered
         self.cycle = FlushCycle(
-            self, journal, client, dead_letters, source, metrics, health, on_auth_failure or (lambda: False)
+            self,
+            journal,
+            client,
+            dead_letters,
+            source,
+            metrics,
+            health,
+            on_auth_failure or (lambda: False),
+            clock=clock,
         )
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -128,7 +137,24 @@ class Pipeline:
             # push the exit past shutdown_timeout (chaos seed 202: 9.3 s against 8).
             log.info("partitions assigned while stopping; not taken", extra={"partitions": len(tps)})
             return
-        recovered = await self.journal.recover(tps)
+        started = time.monotonic()
+        recovered, read = await self.journal.recover(tps)
+        seconds = time.monotonic() - started
+        self.metrics.recovered(seconds)
+        if read.corrupt:
+            self.metrics.journal_corrupt(read.corrupt)
+            log.error("corrupt journal entries were skipped", extra={"entries": read.corrupt})
+        log.info(
+            "journal read for the assignment",
+            extra={
+                "partitions": len(tps),
+                "entries_scanned": read.scanned,
+                "entries_kept": len(read.entries),
+                "bytes": read.bytes,
+                "seconds": round(seconds, 3),
+                "to_start": read.reached_start,
+            },
+        )
         # One in-doubt request names every partition of its cycle: count it once, not once per partition.
         in_doubt: dict[tuple[str, int], int] = {}
         for rec in recovered.values():
@@ -156,6 +182,7 @@ class Pipeline:
                 self.source.seek(tp, state.position)
                 self.parts[tp] = state
                 self.next_offset[tp] = state.position
+                self.cycle.committed[tp] = state.position  # where the group commit stands, normally
                 log.info(
                     "partition assigned",
                     extra={
@@ -168,6 +195,8 @@ class Pipeline:
                     },
                 )
             self.assignment += 1  # every batch whose fetch began before the seeks above is stale
+            self.recheckpoint = True
+            self.work.set()
             self.health.set_condition("assigned", bool(self.parts), "no partitions assigned")
 
     async def _abandon(self, why: str, budget: float) -> None:
@@ -341,12 +370,37 @@ class Pipeline:
     def hold(self) -> None:
         self._set_paused(True)
 
+    # --- checkpoints between cycles ----------------------------------------------------------------------
+    def _checkpoint_due(self) -> bool:
+        """Just assigned (the recovered state becomes the newest checkpoint, so the next owner's read stops
+        here), or no checkpoint for `checkpoint_interval_seconds` (an idle partition's authority must
+        outlive the journal's retention, and a recent one keeps the next recovery's read short)."""
+        if not self.parts or self.abandoning or self.stopping:
+            return False
+        return (
+            self.recheckpoint
+            or self.clock() - self.cycle.checkpointed_at >= self.s.checkpoint_interval_seconds
+        )
+
+    async def _checkpoint_only(self) -> None:
+        self.recheckpoint = False
+        self.idle.clear()
+        try:
+            await self.cycle.checkpoint()
+        except Abandoned:
+            pass
+        finally:
+            self.idle.set()
+
     # --- the delivery loop -----------------------------------------------------------------------------
     async def _delivery_loop(self) -> None:
         while True:
             while not self.pending:
                 self.work.clear()
                 self.health.beat("flush")
+                if self._checkpoint_due():
+                    await self._checkpoint_only()
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.work.wait(), timeout=max(1.0, self.s.tick_seconds))
             if self.abandoning:

@@ -33,7 +33,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from allocd.cloudzero.records import Granularity, bucket_start, canonical_filter, parse_timestamp
-from allocd.journal import cell_digest
+from allocd.journal import CorruptEntry, cell_digest, decode_entry
 
 from ..integration.harness import metric_value
 from .diagnose import JournalRecord, write_diagnosis
@@ -537,10 +537,10 @@ class Soak:
         stack = self.stack
         self.journal = []
         for rec in await self.read_topic(f"{stack.group}-ckpt"):
-            with contextlib.suppress(orjson.JSONDecodeError):
-                entry = orjson.loads(rec.value)
-                if isinstance(entry, dict) and entry.get("g") == stack.group:
-                    self.journal.append((rec.offset, rec.timestamp, entry))
+            with contextlib.suppress(CorruptEntry):
+                entry = decode_entry(rec.value)
+                if entry is not None and entry.get("g") == stack.group:
+                    self.journal.append((rec.offset, rec.timestamp, dict(entry)))
         journal = [entry for _, _, entry in self.journal]
         dlq: Counter[tuple[int, int]] = Counter()
         reasons: Counter[str] = Counter()

@@ -99,8 +99,8 @@ def journal_view(entries: Iterable[dict[str, Any]]) -> JournalView:
             key = (str(e["c"]), int(e["r"]))
             if kind == "sent":
                 sent.setdefault(key, (i, set()))[1].update(e["cells"])
-            elif kind == "ack":
-                for d in e["cells"]:
+            elif kind == "ack":  # `all`: every cell of the request's `sent`
+                for d in sent.get(key, (0, set()))[1] if e.get("all") else e["cells"]:
                     acked[key].setdefault(d, i)
             else:
                 failed.setdefault(key, i)

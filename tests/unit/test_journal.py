@@ -7,17 +7,33 @@ checks that one final replay from the journal counts every event exactly once (a
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from allocd.cloudzero.records import Granularity
-from allocd.journal import Journal, PartitionState, Recovered, cell_digest, recover
+from allocd.journal import (
+    CorruptEntry,
+    Entry,
+    Journal,
+    PartitionState,
+    Recovered,
+    cell_digest,
+    claims,
+    decode_entry,
+    encode_entry,
+    recover,
+    scan_list,
+)
+from allocd.stores.files import FileJournalStore
 from allocd.stores.memory import MemoryJournalStore
 from allocd.windows import TP, Accumulator, CellKey, Snapshot
 
@@ -36,6 +52,11 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
         return stop.value
     coro.close()
     raise AssertionError("the coroutine suspended")
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Drive a coroutine that needs a loop (the file store works in a thread)."""
+    return asyncio.run(coro)
 
 
 def cell(window: int, element: str, stream: str = "s") -> CellKey:
@@ -58,7 +79,12 @@ def digests(*cells: CellKey) -> list[str]:
 
 
 def recovered(journal: Journal, *tps: TP) -> dict[TP, Recovered]:
-    return run(journal.recover(tps))
+    recovered, _ = run(journal.recover(tps))
+    store = journal.store
+    assert isinstance(store, MemoryJournalStore)
+    # The bounded read must recover exactly what the whole log does.
+    assert recovered == recover(store.entries, tps), "bounded read != full log"
+    return recovered
 
 
 # --- cell digests ----------------------------------------------------------------------------------------
@@ -572,3 +598,148 @@ def test_a_checkpoint_written_after_another_members_claim_is_ignored() -> None:
     assert recover(entries, [tp])[tp].state.position == 10
     entries.append({"t": "ckpt", "tp": ["usage", 0], "pos": 30, "marks": [], "skips": [], "m": "b"})
     assert recover(entries, [tp])[tp].state.position == 30
+
+
+# --- the stored form ---------------------------------------------------------------------------------------
+DIGESTS = [cell_digest(cell(w, e)) for w in range(1500) for e in "ab"]  # one full request
+
+
+def test_an_entry_round_trips_through_its_stored_form() -> None:
+    entries: list[Entry] = [
+        {"t": "cycle", "c": "c1", "b": [["usage", 0, 7]], "w": [["s", 0]], "trigger": "closed"},
+        {"t": "sent", "c": "c1", "r": 0, "cells": DIGESTS[:5], "g": "grp", "m": "mem"},
+        {"t": "ack", "c": "c1", "r": 0, "all": True},
+        {"t": "fail", "c": "c1", "r": 1},
+        {"t": "ckpt", "tp": ["usage", 0], "pos": 7, "marks": [["s", 0, 7]], "skips": [], "m": "mem", "v": 3},
+        {"t": "barrier", "id": "b1", "member": "mem", "claim": [["usage", 0]]},
+    ]
+    for e in entries:
+        assert decode_entry(encode_entry(e)) == e
+
+
+def test_a_flipped_digit_is_caught_by_the_checksum_and_never_applied() -> None:
+    raw = encode_entry({"t": "ckpt", "tp": ["usage", 0], "pos": 1234, "marks": [], "skips": []})
+    flipped = raw.replace(b'"pos":1234', b'"pos":1294')
+    with pytest.raises(CorruptEntry, match="checksum"):
+        decode_entry(flipped)
+    with pytest.raises(CorruptEntry):
+        decode_entry(raw.replace(b'"x":', b'"y":'))  # the checksum's own key: an unknown key
+    with pytest.raises(CorruptEntry):
+        decode_entry(raw[:-3])  # torn
+    # Entries written before checksums existed are read on their form alone.
+    assert decode_entry(b'{"t":"fail","c":"c","r":0}') == {"t": "fail", "c": "c", "r": 0}
+    with pytest.raises(CorruptEntry, match="keys"):
+        decode_entry(b'{"t":"fail","c":"c"}')
+    assert decode_entry(b'{"not": "ours"}') is None
+
+
+def test_a_request_journals_a_third_of_the_bytes_it_used_to() -> None:
+    """3,000 cells: `sent` with the digests packed, and an `ack` that settles the whole request at once."""
+    before = len(orjson.dumps({"t": "sent", "c": "c" * 16, "r": 0, "cells": DIGESTS})) + len(
+        orjson.dumps({"t": "ack", "c": "c" * 16, "r": 0, "cells": DIGESTS})
+    )
+    after = len(encode_entry({"t": "sent", "c": "c" * 16, "r": 0, "cells": DIGESTS})) + len(
+        encode_entry({"t": "ack", "c": "c" * 16, "r": 0, "all": True})
+    )
+    assert before > 110_000 and after < 33_000, (before, after)
+
+
+def test_a_corrupt_checkpoint_in_the_file_journal_falls_back_to_the_one_before(tmp_path: Path) -> None:
+    path = tmp_path / "journal.ndjson"
+    store = FileJournalStore(path)
+    journal = Journal(store)
+    run_async(journal.checkpoint({T0: PartitionState(10)}))
+    run_async(journal.checkpoint({T0: PartitionState(20)}))
+    store.close()
+    path.write_bytes(path.read_bytes().replace(b'"pos":20', b'"pos":90'))
+    recovered, read = run_async(Journal(FileJournalStore(path)).recover([T0]))
+    assert read.corrupt == 1
+    assert recovered[T0].state.position == 10  # not 90, and not silently 20
+
+
+# --- the bounded read ---------------------------------------------------------------------------------------
+TP0 = ("usage", 0)
+TP1 = ("usage", 1)
+MEMBERS = ["a", "b", "c"]
+
+
+class Writer:
+    """A Kafka store's member in miniature: claims, how far it has examined the log, and the `v` it stamps."""
+
+    def __init__(self, name: str, log: list[Entry]) -> None:
+        self.name, self.log = name, log
+        self.claimed: dict[TP, int] = {}
+        self.examined = -1
+
+    def claim(self, tps: list[TP]) -> None:
+        self.log.append(
+            {
+                "t": "barrier",
+                "id": f"{self.name}{len(self.log)}",
+                "member": self.name,
+                "claim": [[t, p] for t, p in tps],
+            }
+        )
+        for tp in tps:
+            self.claimed[tp] = len(self.log) - 1
+        self.examined = len(self.log) - 1
+
+    def lost(self, tp: TP) -> bool:
+        mine = self.claimed.get(tp, -1)
+        return any(
+            e["t"] == "barrier" and e["member"] != self.name and (tp[0], tp[1]) in claims(e)
+            for e in self.log[mine + 1 : self.examined + 1]
+        )
+
+    def checkpoint(self, tp: TP, pos: int, fenced: bool) -> None:
+        if fenced:  # still_owner: examine the log first, and write nothing when the partition is lost
+            self.examined = len(self.log) - 1
+            if self.lost(tp):
+                return
+        v = self.claimed.get(tp, -1) if self.lost(tp) else self.examined
+        self.log.append(
+            {"t": "ckpt", "tp": [tp[0], tp[1]], "pos": pos, "marks": [], "skips": [], "m": self.name, "v": v}
+        )
+
+    def cycle(self, tp: TP, n: int, acked: bool) -> None:
+        cid = f"{self.name}-{len(self.log)}"
+        self.log.append({"t": "cycle", "c": cid, "b": [[tp[0], tp[1], n]], "w": []})
+        self.log.append({"t": "sent", "c": cid, "r": 0, "cells": [f"d{n}"]})
+        if acked:
+            self.log.append({"t": "ack", "c": cid, "r": 0, "all": True})
+
+
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["claim", "claim", "ckpt", "ckpt", "stale_ckpt", "cycle", "legacy_ckpt"]),
+        st.sampled_from(MEMBERS),
+        st.sampled_from([[TP0], [TP1], [TP0, TP1]]),
+        st.integers(0, 500),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(script=steps)
+def test_the_bounded_read_recovers_what_the_whole_log_does(script: list) -> None:
+    """Members claim, checkpoint (fenced, or stale without looking), write cycles and old-style checkpoints
+    without `v`, in any order: recovery from the bounded read equals recovery from the whole log."""
+    log: list[Entry] = []
+    writers = {name: Writer(name, log) for name in MEMBERS}
+    for kind, name, tps, n in script:
+        w = writers[name]
+        if kind == "claim":
+            w.claim(tps)
+        elif kind in ("ckpt", "stale_ckpt"):
+            for tp in tps:
+                w.checkpoint(tp, n, fenced=kind == "ckpt")
+        elif kind == "legacy_ckpt":
+            log.append(
+                {"t": "ckpt", "tp": [tps[0][0], tps[0][1]], "pos": n, "marks": [], "skips": [], "m": name}
+            )
+        else:
+            w.cycle(tps[0], n, acked=n % 2 == 0)
+    for wanted in ([TP0], [TP1], [TP0, TP1]):
+        read = scan_list(log, wanted)
+        assert recover(read.entries, wanted) == recover(log, wanted)

@@ -18,7 +18,15 @@ from typing import Any
 
 import orjson
 
-from allocd.journal import Entry, compaction_start, decode_entry, encode_entry
+from allocd.journal import (
+    CorruptEntry,
+    Entry,
+    TailRead,
+    compaction_start,
+    decode_entry,
+    encode_entry,
+    scan_list,
+)
 from allocd.sources.base import Message
 from allocd.windows import TP
 
@@ -118,19 +126,24 @@ def _cut_torn_line(fd: int, path: Path, fsync: Callable[[int], None]) -> int:
     return keep
 
 
-def _lines(data: bytes, path: Path) -> list[Entry]:
+def _lines(data: bytes, path: Path) -> tuple[list[Entry], int]:
+    """The journal file's entries, and how many lines were corrupt (skipped, never applied)."""
     out = []
+    corrupt = 0
     for n, line in enumerate(data.split(b"\n")):
         if not line:
             continue
         try:
             entry = decode_entry(line)
-        except orjson.JSONDecodeError:
-            log.error("unreadable journal line skipped", extra={"file": str(path), "line": n + 1})
+        except CorruptEntry as exc:
+            corrupt += 1
+            log.error(
+                "corrupt journal line skipped", extra={"file": str(path), "line": n + 1, "error": str(exc)}
+            )
             continue
         if entry is not None:
             out.append(entry)
-    return out
+    return out, corrupt
 
 
 class FileJournalStore:
@@ -159,10 +172,19 @@ class FileJournalStore:
         async with self._lock:
             await asyncio.to_thread(self._append_sync, data, checkpoint)
 
-    async def read_all(self, claim: Iterable[TP] = ()) -> list[Entry]:
+    async def read_all(self) -> list[Entry]:
         async with self._lock:
             data = await asyncio.to_thread(self._file.read)
-        return _lines(data, self.path)
+        return _lines(data, self.path)[0]
+
+    async def read_recent(self, claim: Iterable[TP] = ()) -> TailRead:
+        """The file is compacted (it holds little more than what recovery reads): read whole, scan back."""
+        async with self._lock:
+            data = await asyncio.to_thread(self._file.read)
+        entries, corrupt = _lines(data, self.path)
+        read = scan_list(entries, claim)
+        read.bytes, read.corrupt = len(data), corrupt
+        return read
 
     async def still_owner(self, tps: Iterable[TP]) -> bool:
         return True  # the spool directory's lock file makes this process its only owner
@@ -176,7 +198,7 @@ class FileJournalStore:
             self._compact_sync()
 
     def _compact_sync(self) -> None:
-        entries = _lines(self._file.read(), self.path)
+        entries, _ = _lines(self._file.read(), self.path)
         start = compaction_start(entries)
         if start is None:
             return

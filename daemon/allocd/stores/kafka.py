@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Iterable
@@ -12,12 +13,26 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from allocd.config import KafkaSettings
-from allocd.journal import Entry, barrier_entry, claims, decode_entry, encode_entry
+from allocd.journal import (
+    CorruptEntry,
+    Entry,
+    TailRead,
+    TailScan,
+    barrier_entry,
+    claims,
+    decode_entry,
+    encode_entry,
+)
 from allocd.kafka_conn import connection_options
 from allocd.sources.base import Message
 from allocd.windows import TP
 
-__all__ = ["KafkaDeadLetters", "KafkaJournalStore"]
+log = logging.getLogger("allocd.journal")
+
+__all__ = ["READ_CHUNK", "KafkaDeadLetters", "KafkaJournalStore"]
+
+READ_CHUNK = 256  # journal records per backward step: a step's raw entries stay a few MB at most
+READ_TIMEOUT_SECONDS = 60.0
 
 
 class KafkaJournalStore:
@@ -38,6 +53,7 @@ class KafkaJournalStore:
         self.topic = settings.checkpoint_topic
         self.key = settings.group_id.encode()
         self.member = uuid.uuid4().hex[:12]
+        self.corrupt = 0  # corrupt entries seen by any read of this store
         self._last_appended = -1
         self._claimed: dict[TP, int] = {}  # partition → offset of this member's latest claim
         self._lost: set[TP] = set()  # claimed by another member since
@@ -98,13 +114,25 @@ class KafkaJournalStore:
         stamped = entry.copy()
         stamped["g"] = self.s.group_id
         stamped["m"] = self.member
+        if stamped["t"] == "ckpt":
+            # `v`: this member has examined the journal up to here and seen no newer claim of the
+            # partition, so a reader need only check the claims between `v` and the checkpoint. A partition
+            # already known lost gets its claim's offset: the reader then sees the newer claim.
+            tp = (str(stamped["tp"][0]), int(stamped["tp"][1]))
+            stamped["v"] = self._claimed.get(tp, -1) if tp in self._lost else self._tail_next - 1
         return stamped
 
     def _ours(self, rec: Any) -> Entry | None:
-        """A record of the checkpoint topic as an entry of this group's journal, else None."""
+        """A record of the checkpoint topic as an entry of this group's journal, else None (a corrupt one
+        is logged and counted in `corrupt`, never handed out)."""
         if rec.key != self.key:
             return None
-        entry = decode_entry(rec.value)
+        try:
+            entry = decode_entry(rec.value)
+        except CorruptEntry as exc:
+            self.corrupt += 1
+            log.error("corrupt journal entry skipped", extra={"offset": rec.offset, "error": str(exc)})
+            return None
         return entry if entry is not None and entry.get("g") == self.s.group_id else None
 
     def _note_claim(self, entry: Entry, offset: int) -> None:
@@ -119,40 +147,83 @@ class KafkaJournalStore:
             await self._tail.stop()
             self._tail = None
 
-    async def read_all(self, claim: Iterable[TP] = ()) -> list[Entry]:
+    async def read_recent(self, claim: Iterable[TP] = ()) -> TailRead:
+        """Claim `claim` (a barrier), then read the journal backwards from the barrier in chunks until
+        recovery of `claim` has what it needs (journal.TailScan): the cost is what is live, not history."""
         claimed = list(claim)
         barrier = barrier_entry(self.member, claimed)
         barrier["g"] = self.s.group_id
         meta = await self.producer.send_and_wait(self.topic, encode_entry(barrier), key=self.key, partition=0)
-        for t, p in claimed:
-            self._claimed[(t, p)] = meta.offset
-            self._lost.discard((t, p))
+        for tp in claimed:
+            self._claimed[tp] = meta.offset
+            self._lost.discard(tp)
         # Claims before this barrier are superseded by it for every partition this member now owns.
         self._tail_next = max(self._tail_next, meta.offset + 1)
         self._last_appended = max(self._last_appended, meta.offset)
-        tp = TopicPartition(self.topic, 0)
-        consumer = AIOKafkaConsumer(enable_auto_commit=False, group_id=None, **connection_options(self.s))
+        scan = TailScan(claimed)
+        read = TailRead([])
+        corrupt_before = self.corrupt
+        ktp = TopicPartition(self.topic, 0)
+        consumer = AIOKafkaConsumer(
+            enable_auto_commit=False,
+            group_id=None,
+            fetch_max_wait_ms=10,
+            max_poll_records=READ_CHUNK,
+            **connection_options(self.s),
+        )
         await consumer.start()
-        out: list[Entry] = []
         try:
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            deadline = time.monotonic() + 60
-            done = False
-            while not done:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"journal read did not reach the barrier at offset {meta.offset}")
-                batch = await consumer.getmany(tp, timeout_ms=500)
-                for rec in batch.get(tp, []):
-                    if rec.offset >= meta.offset:
-                        done = True
+            consumer.assign([ktp])
+            low = int((await consumer.beginning_offsets([ktp]))[ktp])
+            end = meta.offset  # exclusive: the barrier itself is ours
+            deadline = time.monotonic() + READ_TIMEOUT_SECONDS
+            while end > low and not scan.done:
+                start = max(low, end - READ_CHUNK)
+                chunk = await self._read_range(consumer, ktp, start, end, deadline, read)
+                for offset, entry in reversed(chunk):
+                    if scan.done:
                         break
-                    entry = self._ours(rec)
-                    if entry is not None:
-                        out.append(entry)  # barriers too: their claims decide whose checkpoint counts
+                    scan.feed(offset, entry)
+                    read.scanned += 1
+                end = start
+            if end <= low:
+                scan.finish()
+                read.reached_start = True
         finally:
             await consumer.stop()
-        return out
+        read.entries = scan.entries()
+        read.corrupt = self.corrupt - corrupt_before
+        return read
+
+    async def _read_range(
+        self,
+        consumer: AIOKafkaConsumer,
+        ktp: TopicPartition,
+        start: int,
+        end: int,
+        deadline: float,
+        read: TailRead,
+    ) -> list[tuple[int, Entry]]:
+        """This group's entries at offsets [start, end), in order; counts the bytes read into `read`."""
+        consumer.seek(ktp, start)
+        out: list[tuple[int, Entry]] = []
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"journal read did not reach offset {end - 1} (from {start})")
+            batch = await consumer.getmany(ktp, timeout_ms=200)
+            for rec in batch.get(ktp, []):
+                if rec.offset >= end:
+                    return out
+                read.bytes += len(rec.value or b"")
+                entry = self._ours(rec)
+                if entry is not None:
+                    out.append(
+                        (rec.offset, entry)
+                    )  # barriers too: their claims decide whose checkpoint counts
+                if rec.offset == end - 1:
+                    return out
+            if await consumer.position(ktp) >= end:
+                return out
 
 
 class KafkaDeadLetters:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import orjson
-
-from allocd.journal import Entry, encode_entry
+from allocd.journal import Entry, TailRead, decode_entry, encode_entry, scan_list
 from allocd.windows import TP
 
 __all__ = ["MemoryJournalStore"]
@@ -19,10 +17,16 @@ class MemoryJournalStore:
         self.entries: list[Entry] = []
 
     async def append(self, entries: list[Entry]) -> None:
-        self.entries.extend(orjson.loads(encode_entry(e)) for e in entries)
+        for e in entries:  # through the stored form and back, as a real store would hand them out
+            decoded = decode_entry(encode_entry(e))
+            if decoded is not None:
+                self.entries.append(decoded)
 
-    async def read_all(self, claim: Iterable[TP] = ()) -> list[Entry]:
+    async def read_all(self) -> list[Entry]:
         return list(self.entries)
+
+    async def read_recent(self, claim: Iterable[TP] = ()) -> TailRead:
+        return scan_list(self.entries, claim)
 
     async def still_owner(self, tps: Iterable[TP]) -> bool:
         return True
