@@ -746,3 +746,46 @@ async def test_an_assignment_during_shutdown_is_not_recovered() -> None:
         assert ("usage", 9) not in rig.pipeline.parts
         assert reads == [[P0]]  # no recovery read
         rig.pipeline.stopping = False
+
+
+# --- checkpoints between cycles -------------------------------------------------------------------------
+async def test_an_assignment_checkpoints_what_it_recovered_and_an_idle_partition_is_checkpointed_again() -> (
+    None
+):
+    rig = make_rig(checkpoint_interval_seconds=60.0)
+    async with running(rig):
+        await until(lambda: len(rig.journal("ckpt")) == 1, "the assignment's checkpoint")
+        assert rig.journal("ckpt")[0]["pos"] == 0 and rig.source.commits == []  # nothing moved: no commit
+        rig.clock.now += 59
+        assert not rig.pipeline._checkpoint_due()  # not yet
+        rig.clock.now += 2  # idle for the interval: checkpointed again, with no cycle
+        await until(lambda: len(rig.journal("ckpt")) == 2, "the idle partition's checkpoint")
+        assert rig.cycles("closed") == 0
+
+
+async def test_skipped_events_move_the_position_of_an_idle_checkpoint_and_its_commit() -> None:
+    rig = make_rig(checkpoint_interval_seconds=60.0)
+    async with running(rig):
+        await until(lambda: len(rig.journal("ckpt")) == 1, "the assignment's checkpoint")
+        rig.source.append(b"not json")  # dead-lettered: nothing held in memory, the position moves on
+        await until(lambda: rig.metric("allocd_dlq_writes_total", kind="event") == 1, "dead-lettered")
+        rig.clock.now += 61
+        await until(lambda: rig.source.commits == [{P0: 1}], "the position committed")
+        assert rig.journal("ckpt")[-1]["pos"] == 1
+
+
+async def test_a_partition_without_a_checkpoint_starts_from_the_group_commit_then_the_reset_policy() -> None:
+    rig = make_rig()
+    commits = {P0: 4}
+
+    async def committed(tp: TP) -> int | None:
+        return commits.get(tp)
+
+    rig.source.committed = committed  # type: ignore[method-assign]
+    async with running(rig):
+        assert rig.source.seeks[-1] == (P0, 4)  # no checkpoint: the group commit
+        await rig.pipeline.on_revoked([P0])
+        rig.store.entries.clear()  # the journal lost it (retention, or a new checkpoint topic)
+        commits.clear()
+        await rig.pipeline.on_assigned([P0])
+        assert rig.source.seeks[-1] == (P0, 0)  # neither: the reset policy (earliest here)
