@@ -31,8 +31,12 @@ log = logging.getLogger("allocd.journal")
 
 __all__ = ["READ_CHUNK", "KafkaDeadLetters", "KafkaJournalStore"]
 
-READ_CHUNK = 256  # journal records per backward step: a step's raw entries stay a few MB at most
+READ_FIRST_STEP = 16  # journal records of the first backward step; each next step doubles, up to
+READ_CHUNK = 256  # records, so that a step's raw entries stay a few MB at most
 READ_TIMEOUT_SECONDS = 60.0
+# Long enough for a broker without an offset index to find a record deep in a large log (Tansu answers a
+# 10 ms fetch for an old offset of a 600 MB topic with nothing, every time); paid at the log's end only.
+READ_FETCH_WAIT_MS = 100
 
 
 class KafkaJournalStore:
@@ -167,19 +171,27 @@ class KafkaJournalStore:
         consumer = AIOKafkaConsumer(
             enable_auto_commit=False,
             group_id=None,
-            fetch_max_wait_ms=10,
+            fetch_max_wait_ms=READ_FETCH_WAIT_MS,
             max_poll_records=READ_CHUNK,
             **connection_options(self.s),
         )
         await consumer.start()
         try:
-            consumer.assign([ktp])
-            low = int((await consumer.beginning_offsets([ktp]))[ktp])
             end = meta.offset  # exclusive: the barrier itself is ours
+            consumer.assign([ktp])
+            # At once, before any await: a first fetch from the log's end would wait out the fetch wait.
+            positioned = max(0, end - READ_FIRST_STEP)
+            consumer.seek(ktp, positioned)
+            low = int((await consumer.beginning_offsets([ktp]))[ktp])
             deadline = time.monotonic() + READ_TIMEOUT_SECONDS
+            step = READ_FIRST_STEP  # recovery usually needs a handful of entries: ask for few, then more
             while end > low and not scan.done:
-                start = max(low, end - READ_CHUNK)
-                chunk = await self._read_range(consumer, ktp, start, end, deadline, read)
+                start = max(low, end - step)
+                step = min(2 * step, READ_CHUNK)
+                if start != positioned:  # a seek discards what the fetcher has under way
+                    consumer.seek(ktp, start)
+                positioned = -1
+                chunk = await self._read_range(consumer, ktp, end, deadline, read)
                 for offset, entry in reversed(chunk):
                     if scan.done:
                         break
@@ -196,30 +208,22 @@ class KafkaJournalStore:
         return read
 
     async def _read_range(
-        self,
-        consumer: AIOKafkaConsumer,
-        ktp: TopicPartition,
-        start: int,
-        end: int,
-        deadline: float,
-        read: TailRead,
+        self, consumer: AIOKafkaConsumer, ktp: TopicPartition, end: int, deadline: float, read: TailRead
     ) -> list[tuple[int, Entry]]:
-        """This group's entries at offsets [start, end), in order; counts the bytes read into `read`."""
-        consumer.seek(ktp, start)
+        """This group's entries from the consumer's position up to `end` (exclusive), in order; counts the
+        bytes read into `read`."""
         out: list[tuple[int, Entry]] = []
         while True:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"journal read did not reach offset {end - 1} (from {start})")
+                raise TimeoutError(f"journal read did not reach offset {end - 1}")
             batch = await consumer.getmany(ktp, timeout_ms=200)
             for rec in batch.get(ktp, []):
                 if rec.offset >= end:
                     return out
                 read.bytes += len(rec.value or b"")
-                entry = self._ours(rec)
+                entry = self._ours(rec)  # barriers too: their claims decide whose checkpoint counts
                 if entry is not None:
-                    out.append(
-                        (rec.offset, entry)
-                    )  # barriers too: their claims decide whose checkpoint counts
+                    out.append((rec.offset, entry))
                 if rec.offset == end - 1:
                     return out
             if await consumer.position(ktp) >= end:
