@@ -33,6 +33,9 @@ __all__ = ["Pipeline"]
 
 log = logging.getLogger("allocd.pipeline")
 
+# Of shutdown_timeout, kept for stopping the source (a consumer leaves its group) after the abandon.
+_STOP_RESERVE_SECONDS = 1.5
+
 
 class Pipeline:
     """The daemon's main job. `run()` returns after a clean shutdown (stop event set)."""
@@ -109,12 +112,16 @@ class Pipeline:
                 if len(self.acc):
                     self._cut(self.acc.take_all(self._boundary(), "shutdown"))
             await self._wait_drained(deadline - time.monotonic() - 1.0)
-        await self._abandon("shutdown", max(0.5, deadline - time.monotonic() - 0.5))
+        await self._abandon("shutdown", max(0.5, deadline - time.monotonic() - _STOP_RESERVE_SECONDS))
         if self._deliver_task:
             self._deliver_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._deliver_task
-        await self.source.stop()
+        try:
+            # Leaving the group can take a rejoin first (a rebalance under way); the deadline is the contract.
+            await asyncio.wait_for(self.source.stop(), timeout=max(0.5, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("the source did not stop within shutdown_timeout; exiting without it")
 
     async def _wait_drained(self, budget: float) -> None:
         end = time.monotonic() + max(0.0, budget)
