@@ -789,3 +789,23 @@ async def test_a_partition_without_a_checkpoint_starts_from_the_group_commit_the
         commits.clear()
         await rig.pipeline.on_assigned([P0])
         assert rig.source.seeks[-1] == (P0, 0)  # neither: the reset policy (earliest here)
+
+
+async def test_a_source_that_will_not_stop_does_not_hold_the_exit_past_shutdown_timeout() -> None:
+    """aiokafka's stop can rejoin the group first (a rebalance under way): the deadline still holds."""
+    rig = make_rig(shutdown_timeout_seconds=1.0)
+    stuck = asyncio.Event()
+
+    async def stop() -> None:
+        await stuck.wait()  # never set
+
+    rig.source.stop = stop  # type: ignore[method-assign]
+    done = asyncio.Event()
+    task = asyncio.create_task(rig.pipeline.run(done))
+    await until(lambda: bool(rig.pipeline.parts), "partitions assigned")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    done.set()
+    rig.source.release.set()
+    await asyncio.wait_for(task, 5)
+    assert loop.time() - started <= 1.2
