@@ -200,12 +200,7 @@ class MappingSettings:
     @classmethod
     def from_dict(cls, data: Any, *, prefix: str = "mapping.") -> MappingSettings:
         """Build from a config table; a ConfigError names the key as `prefix + key`."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(prefix.rstrip("."), "must be a table")
-        known = ("element", "value", "timestamp", "timestamp_format", "stream", "id", "filter", "dimensions")
-        unknown = sorted(str(k) for k in data if k not in known)
-        if unknown:
-            raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+        _check_table(data, prefix.rstrip("."), _MAPPING_KEYS, prefix)
         values: dict[str, Any] = {}
         for name in ("element", "value", "timestamp", "stream", "id"):
             if name in data:
@@ -302,6 +297,7 @@ class EventsSettings:
         return cls(streams, default_stream, undeclared, mapping, **limits)
 
 
+_MAPPING_KEYS = ("element", "value", "timestamp", "timestamp_format", "stream", "id", "filter", "dimensions")
 _EVENTS_ENV_KEYS = ("default_stream", "undeclared")  # the [events] keys the environment may set
 _LIMIT_KEYS = ("max_lateness_ms", "max_future_ms", "max_event_bytes")
 _CONFIG_KEYS = ("streams", "default_stream", "undeclared", "mapping", *_LIMIT_KEYS)

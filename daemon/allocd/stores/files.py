@@ -173,14 +173,11 @@ class FileJournalStore:
             await asyncio.to_thread(self._append_sync, data, checkpoint)
 
     async def read_all(self) -> list[Entry]:
-        async with self._lock:
-            data = await asyncio.to_thread(self._file.read)
-        return _lines(data, self.path)[0]
+        return _lines(await self._read(), self.path)[0]
 
     async def read_recent(self, claim: Iterable[TP] = ()) -> TailRead:
         """The file is compacted (it holds little more than what recovery reads): read whole, scan back."""
-        async with self._lock:
-            data = await asyncio.to_thread(self._file.read)
+        data = await self._read()
         entries, corrupt = _lines(data, self.path)
         read = scan_list(entries, claim)
         read.bytes, read.corrupt = len(data), corrupt
@@ -188,6 +185,10 @@ class FileJournalStore:
 
     async def still_owner(self, tps: Iterable[TP]) -> bool:
         return True  # the spool directory's lock file makes this process its only owner
+
+    async def _read(self) -> bytes:
+        async with self._lock:
+            return await asyncio.to_thread(self._file.read)
 
     def close(self) -> None:
         self._file.close()

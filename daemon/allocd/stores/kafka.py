@@ -29,7 +29,7 @@ from allocd.windows import TP
 
 log = logging.getLogger("allocd.journal")
 
-__all__ = ["READ_CHUNK", "KafkaDeadLetters", "KafkaJournalStore"]
+__all__ = ["READ_CHUNK", "READ_FETCH_WAIT_MS", "READ_FIRST_STEP", "KafkaDeadLetters", "KafkaJournalStore"]
 
 READ_FIRST_STEP = 16  # journal records of the first backward step; each next step doubles, up to
 READ_CHUNK = 256  # records, so that a step's raw entries stay a few MB at most
